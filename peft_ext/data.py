@@ -1,0 +1,177 @@
+"""Training data: reading records from files or the hub, and turning them into token ids and labels.
+
+Supported inputs: a JSON list or JSONL file of `{instruction, input, output}` records (or ShareGPT
+`conversations`); a directory holding `train.json` (and optionally `test.json`); a `.txt` file of raw
+text, chunked into `cutoff_len`-token blocks; a `datasets` hub id.
+"""
+import json
+import os
+
+from datasets import Dataset
+
+from peft_ext.errors import UsageError
+from peft_ext.prompts import Prompter
+
+IGNORE_INDEX = -100  # label of a token that carries no loss
+
+
+def _read_json_records(path: str) -> list:
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as first_error:
+        try:  # JSON Lines: one record per line
+            data = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError:
+            raise UsageError(f"{path} is neither JSON nor JSON Lines ({first_error}); fix the file") from None
+    if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
+        data = next(iter(data.values()))  # {"data": [...]}
+    if not isinstance(data, list):
+        raise UsageError(f"{path} must hold a list of records, found a JSON {type(data).__name__}")
+    return data
+
+
+def _check_records(records: list, path: str) -> None:
+    if not records:
+        raise UsageError(f"{path} holds no records; give a non-empty dataset")
+    for i, r in enumerate(records):
+        if not isinstance(r, dict):
+            raise UsageError(f"record {i} of {path} is a {type(r).__name__}, not an object")
+        if r.get("conversations"):
+            continue
+        missing = [k for k in ("instruction", "output") if not isinstance(r.get(k), str)]
+        if missing:
+            raise UsageError(
+                f"record {i} of {path} lacks {' and '.join(repr(m) for m in missing)}; "
+                "records need 'instruction' and 'output' strings (or ShareGPT 'conversations')"
+            )
+
+
+def _records_dataset(path: str) -> Dataset:
+    records = _read_json_records(path)
+    _check_records(records, path)
+    # Keep only the fields we use, so records with extra or ragged keys still form one table.
+    keep = ("instruction", "input", "output", "conversations")
+    rows = [{k: r.get(k) for k in keep if k in r} for r in records]
+    if any("conversations" in r for r in rows):
+        rows = [{"conversations": r.get("conversations"), **_instruction_fields(r)} for r in rows]
+    else:
+        rows = [_instruction_fields(r) for r in rows]
+    return Dataset.from_list(rows)
+
+
+def _instruction_fields(r: dict) -> dict:
+    return {"instruction": r.get("instruction") or "", "input": r.get("input") or "", "output": r.get("output") or ""}
+
+
+def load_data(data_path: str) -> tuple[Dataset, Dataset | None]:
+    """(train, test or None). Records are checked here, before any model is loaded."""
+    if not data_path:
+        raise UsageError("--data_path is required: a JSON/JSONL file, a directory, a .txt file or a hub id")
+    path = os.path.expanduser(data_path)
+    if os.path.isdir(path):
+        train = next((os.path.join(path, n) for n in ("train.json", "train.jsonl") if os.path.isfile(os.path.join(path, n))), None)
+        if train is None:
+            raise UsageError(f"data directory {data_path!r} holds no train.json; add one or point at a file")
+        test = next((os.path.join(path, n) for n in ("test.json", "test.jsonl") if os.path.isfile(os.path.join(path, n))), None)
+        return _records_dataset(train), (_records_dataset(test) if test else None)
+    if os.path.isfile(path):
+        if path.endswith(".txt"):
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+            if not text.strip():
+                raise UsageError(f"{data_path} is empty; give a text file with content")
+            return Dataset.from_list([{"text": text}]), None
+        return _records_dataset(path), None
+    if data_path.endswith((".json", ".jsonl", ".txt")) or data_path.startswith((".", "/", "~")):
+        raise UsageError(f"data file {data_path!r} does not exist; check --data_path")
+    return _hub_dataset(data_path), None
+
+
+def _hub_dataset(name: str) -> Dataset:
+    from datasets import load_dataset
+
+    try:
+        data = load_dataset(name)
+    except Exception as e:  # the hub raises many kinds; all mean "cannot get it"
+        raise UsageError(f"cannot load dataset {name!r} from the hub: {str(e).splitlines()[0][:300]}") from None
+    split = data["train"]
+    _check_records(split.select(range(min(len(split), 1000))).to_list(), name)
+    return split
+
+
+def split_validation(data: Dataset, val_set_size, seed: int) -> tuple[Dataset, Dataset | None]:
+    """Hold out `val_set_size` records: a count (>= 1) or a fraction (0 < f < 1); 0 holds none out."""
+    if not val_set_size:
+        return data, None
+    if isinstance(val_set_size, bool) or not isinstance(val_set_size, (int, float)) or val_set_size < 0:
+        raise UsageError(f"--val_set_size must be a count or a fraction in (0, 1), got {val_set_size!r}")
+    if isinstance(val_set_size, float) and val_set_size < 1:
+        size = max(1, round(len(data) * val_set_size))
+    else:
+        size = int(val_set_size)
+    if size >= len(data):
+        raise UsageError(
+            f"--val_set_size {val_set_size} leaves no training data ({len(data)} records); use a smaller one"
+        )
+    parts = data.train_test_split(test_size=size, shuffle=True, seed=seed)
+    return parts["train"], parts["test"]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def encode(tokenizer, segments: list[tuple[str, bool]], cutoff_len: int, train_on_inputs: bool) -> dict:
+    """Token ids, attention mask and labels of one example made of (text, is_answer) segments.
+
+    The text is tokenized whole, as at inference. With `train_on_inputs=False`, a token is masked when
+    it lies entirely inside a prompt segment: the prefix ending at each segment boundary is tokenized
+    alone and compared with the whole, so a token merged across the boundary stays trainable and the
+    first answer token is never masked. EOS is appended when it fits within `cutoff_len`.
+    """
+    text = "".join(t for t, _ in segments)
+    ids = tokenizer(text)["input_ids"]
+    labels = list(ids)
+    if not train_on_inputs:
+        start, boundary = 0, 0
+        for seg_text, is_answer in segments:
+            boundary += len(seg_text)
+            end = len(ids) if boundary >= len(text) else _common_prefix(tokenizer(text[:boundary])["input_ids"], ids)
+            end = max(end, start)
+            if not is_answer:
+                labels[start:end] = [IGNORE_INDEX] * (end - start)
+            start = end
+    eos = tokenizer.eos_token_id
+    if eos is not None and (not ids or ids[-1] != eos) and len(ids) < cutoff_len:
+        ids, labels = ids + [eos], labels + [eos]
+    ids, labels = ids[:cutoff_len], labels[:cutoff_len]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+
+def chunk_text(tokenizer, text: str, cutoff_len: int) -> list[dict]:
+    """Raw text as consecutive `cutoff_len`-token blocks, every token trained on."""
+    ids = tokenizer(text)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    blocks = [ids[i : i + cutoff_len] for i in range(0, len(ids), cutoff_len)]
+    return [{"input_ids": b, "attention_mask": [1] * len(b), "labels": list(b)} for b in blocks if len(b) > 1]
+
+
+def tokenize(data: Dataset, tokenizer, prompter: Prompter, cutoff_len: int, train_on_inputs: bool) -> Dataset:
+    """The dataset as model inputs; examples left with no trainable token are dropped."""
+    if "text" in data.column_names:
+        rows = [block for text in data["text"] for block in chunk_text(tokenizer, text, cutoff_len)]
+        return Dataset.from_list(rows)
+    encoded = data.map(
+        lambda r: encode(tokenizer, prompter.record_segments(r), cutoff_len, train_on_inputs),
+        remove_columns=data.column_names,
+        desc="tokenizing",
+    )
+    return encoded.filter(lambda r: any(label != IGNORE_INDEX for label in r["labels"]), desc="dropping empty")

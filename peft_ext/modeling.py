@@ -1,0 +1,116 @@
+"""Loading a base model, its tokenizer and a trained adapter, the same way in every script."""
+import json
+import os
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from peft_ext.errors import UsageError
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def precision() -> str:
+    """The training precision this machine supports best: bf16, else fp16 on a GPU, fp32 on a CPU."""
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def compute_dtype() -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision()]
+
+
+def _check_base(base_model: str) -> None:
+    if not base_model:
+        raise UsageError("--base_model is required: a local model directory or a hub id")
+    looks_local = base_model.startswith((".", "/", "~")) or os.path.exists(base_model)
+    if looks_local and not os.path.isdir(os.path.expanduser(base_model)):
+        raise UsageError(f"base model directory {base_model!r} does not exist; check the --base_model path")
+
+
+def _from_pretrained(loader, base_model: str, **kwargs):
+    """Call a `from_pretrained`, turning 'cannot find it' into a one-line UsageError."""
+    _check_base(base_model)
+    try:
+        return loader.from_pretrained(os.path.expanduser(base_model), **kwargs)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"cannot load {base_model!r}: {first}") from None
+
+
+def load_tokenizer(base_model: str, trust_remote_code: bool = False):
+    """The tokenizer, with a pad token (many causal LMs ship without one)."""
+    tokenizer = _from_pretrained(AutoTokenizer, base_model, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return tokenizer
+
+
+def model_type(base_model: str, trust_remote_code: bool = False) -> str:
+    return _from_pretrained(AutoConfig, base_model, trust_remote_code=trust_remote_code).model_type
+
+
+def quantization_config(load_8bit: bool = False, load_4bit: bool = False) -> BitsAndBytesConfig | None:
+    if load_8bit and load_4bit:
+        raise UsageError("--load_8bit and --load_4bit exclude each other; pick one")
+    if load_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if load_4bit:  # QLoRA: NF4 storage, double quantization, matmuls in the compute dtype
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype(),
+        )
+    return None
+
+
+def load_base_model(
+    base_model: str,
+    load_8bit: bool = False,
+    load_4bit: bool = False,
+    device_map=None,
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+):
+    """The causal LM, optionally quantized by bitsandbytes, in `dtype` (default: the compute dtype)."""
+    quant = quantization_config(load_8bit, load_4bit)
+    if device_map is None and torch.cuda.is_available():
+        device_map = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    return _from_pretrained(
+        AutoModelForCausalLM,
+        base_model,
+        dtype=dtype or compute_dtype(),
+        quantization_config=quant,
+        device_map=device_map,
+        trust_remote_code=trust_remote_code,
+    )
+
+
+def read_adapter_config(adapter_dir: str) -> dict:
+    path = os.path.join(adapter_dir, ADAPTER_CONFIG)
+    if not os.path.isdir(adapter_dir):
+        raise UsageError(f"adapter directory {adapter_dir!r} does not exist; check the path")
+    if not os.path.isfile(path):
+        raise UsageError(f"{adapter_dir!r} holds no {ADAPTER_CONFIG}: it is not an adapter checkpoint")
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_adapter(model, adapter_dir: str, is_trainable: bool = False):
+    """Wrap `model` in the adapter saved in `adapter_dir` (any method registered with peft)."""
+    from peft import PeftModel
+
+    read_adapter_config(adapter_dir)
+    try:
+        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=is_trainable)
+    except RuntimeError as e:  # shape mismatches: the adapter was trained on another base model
+        first = str(e).strip().splitlines()[0]
+        raise UsageError(f"adapter {adapter_dir!r} does not fit this base model ({first[:300]})") from None
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, total) parameters; 4-bit weights count as their unpacked size."""
+    trainable, total = model.get_nb_trainable_parameters()
+    return int(trainable), int(total)

@@ -1,0 +1,92 @@
+"""Prompt templates: `templates/NAME.json` files turned into training and inference text."""
+import json
+import os
+from pathlib import Path
+
+from peft_ext.errors import UsageError
+
+TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+TEMPLATE_FILE = "prompt_template.json"  # the copy kept in every checkpoint directory
+REQUIRED_KEYS = ("prompt_input", "prompt_no_input", "response_split")
+
+
+def available_templates() -> list[str]:
+    return sorted(p.stem for p in TEMPLATES_DIR.glob("*.json"))
+
+
+class Prompter:
+    """Fills one template; `segments` says which parts of a text are prompt and which are answer."""
+
+    def __init__(self, template: dict, name: str = "custom"):
+        missing = [k for k in REQUIRED_KEYS if k not in template]
+        if missing:
+            raise UsageError(f"prompt template {name!r} lacks the key(s) {missing}; see templates/README.md")
+        self.template = template
+        self.name = name
+
+    @classmethod
+    def load(cls, name_or_path: str = "alpaca") -> "Prompter":
+        """A template by name (templates/NAME.json), by path, or from a checkpoint directory."""
+        path = Path(name_or_path)
+        if path.is_dir():
+            path = path / TEMPLATE_FILE
+        elif not name_or_path.endswith(".json"):
+            path = TEMPLATES_DIR / f"{name_or_path}.json"
+        if not path.is_file():
+            raise UsageError(
+                f"unknown prompt template {name_or_path!r}; choose one of {available_templates()} "
+                "or give the path of a template JSON file"
+            )
+        try:
+            template = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise UsageError(f"prompt template {path} is not valid JSON ({e}); fix the file") from None
+        return cls(template, template.get("name", path.stem))
+
+    def save(self, directory: str) -> None:
+        target = os.path.join(directory, TEMPLATE_FILE)
+        with open(target, "w") as f:
+            json.dump({"name": self.name, **self.template}, f, indent=2, ensure_ascii=False)
+
+    def prompt(self, instruction: str, input: str | None = None) -> str:
+        """The text the model sees before its response."""
+        if input:
+            return self.template["prompt_input"].format(instruction=instruction, input=input)
+        return self.template["prompt_no_input"].format(instruction=instruction)
+
+    def record_segments(self, record: dict) -> list[tuple[str, bool]]:
+        """A training record as (text, is_answer) pieces: the prompt, then the output."""
+        if "conversations" in record and record["conversations"]:
+            return self.conversation_segments(record["conversations"])
+        prompt = self.prompt(record["instruction"], record.get("input"))
+        return [(prompt, False), (record["output"], True)]
+
+    def conversation_segments(self, turns: list[dict]) -> list[tuple[str, bool]]:
+        """A ShareGPT conversation ([{from: human|gpt|system, value}] or {role, content}) as pieces."""
+        for key in ("chat_user", "chat_assistant"):
+            if key not in self.template:
+                raise UsageError(
+                    f"prompt template {self.name!r} has no {key!r} and cannot render conversations; "
+                    "use --prompt_template_name vicuna or chatml"
+                )
+        segments = [(self.template.get("chat_system", ""), False)]
+        for turn in turns:
+            role = turn.get("from", turn.get("role"))
+            text = turn.get("value", turn.get("content"))
+            if role in ("system",):
+                segments[0] = (text + "\n\n", False)
+            elif role in ("human", "user"):
+                segments.append((self.template["chat_user"].format(message=text), False))
+            elif role in ("gpt", "assistant", "bot", "model"):
+                segments.append((self.template["chat_assistant"].format(message=text), True))
+            else:
+                raise UsageError(f"conversation turn with unknown role {role!r}; use human/gpt or user/assistant")
+        return [s for s in segments if s[0]]
+
+    def response(self, generated: str) -> str:
+        """The answer part of a decoded generation: after the response marker, before any stop string."""
+        marker = self.template["response_split"]
+        text = generated.split(marker, 1)[1] if marker in generated else generated
+        for stop in self.template.get("stop", []):
+            text = text.split(stop, 1)[0]
+        return text.strip()

@@ -1,0 +1,42 @@
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED_DATA = os.path.join(ROOT, "..", "shared", "data")
+
+from tiny import FAMILIES, save_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """`tiny_model_dir(family)`: the path of a saved tiny random model of that family (made once)."""
+    root = tmp_path_factory.mktemp("tiny-models")
+    made = {}
+
+    def get(family: str = "llama") -> str:
+        if family not in made:
+            made[family] = save_tiny_model(family, str(root / family))
+        return made[family]
+
+    return get
+
+
+@pytest.fixture
+def shared_data():
+    """The real benchmark sets in ../shared/data; tests that need them skip when absent."""
+    if not os.path.isdir(SHARED_DATA):
+        pytest.skip("../shared/data is absent (it holds the benchmark sets)")
+    return SHARED_DATA
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end runs of a minute or more (run with -m slow)")
