@@ -1,0 +1,164 @@
+"""Fine-tune a causal LM with a parameter-efficient adapter; writes a checkpoint directory.
+
+    python finetune.py --base_model PATH_OR_HUB_ID --data_path math_data.json --adapter_name lora
+    torchrun --nproc_per_node=2 finetune.py ...same flags...
+
+The output directory holds the adapter (peft format, safetensors), the tokenizer, the prompt template
+and run.json; evaluate.py, generate.py and the export scripts read nothing else.
+"""
+import os
+import time
+
+from peft_ext import adapters, training
+from peft_ext.data import load_data, split_validation, tokenize
+from peft_ext.errors import UsageError, run_cli
+from peft_ext.modeling import load_base_model, load_tokenizer, parameter_counts
+from peft_ext.prompts import Prompter
+
+
+def train(
+    base_model: str = "",
+    data_path: str = "",
+    output_dir: str = "./trained_models/lora",
+    adapter_name: str = "lora",
+    load_8bit: bool = False,
+    load_4bit: bool = False,
+    batch_size: int = 16,
+    micro_batch_size: int = 4,
+    num_epochs: float = 3,
+    max_steps: int = -1,
+    learning_rate: float = 3e-4,
+    warmup_steps: int = 100,
+    cutoff_len: int = 256,
+    val_set_size=120,
+    eval_step: int = 200,
+    save_step: int = 200,
+    save_total_limit: int = 3,
+    target_modules=None,
+    lora_r: int = 8,
+    lora_alpha: int = 16,
+    lora_dropout: float = 0.05,
+    num_virtual_tokens: int = 30,
+    bottleneck_size: int = 256,
+    non_linearity: str = "tanh",
+    adapter_dropout: float = 0.0,
+    use_parallel_adapter: bool = False,
+    use_adapterp: bool = False,
+    scaling=1.0,
+    init_weights: str = "bert",
+    embedding_lambda: float = 0.0,
+    ffn=None,
+    prompt_template_name: str = "alpaca",
+    train_on_inputs: bool = True,
+    group_by_length: bool = False,
+    use_gradient_checkpointing: bool = False,
+    resume_from_checkpoint=None,
+    overwrite: bool = False,
+    seed: int = 42,
+    report_to: str = "none",
+    wandb_project: str = "",
+    wandb_run_name: str = "",
+    wandb_watch: str = "",
+    wandb_log_model: str = "",
+    trust_remote_code: bool = False,
+):
+    """Fine-tune BASE_MODEL on DATA_PATH with one adapter and save it to OUTPUT_DIR.
+
+    Args:
+        base_model: local model directory or hub id of the causal LM to adapt (required).
+        data_path: JSON/JSONL records {instruction, input, output} or ShareGPT conversations, a directory with train.json, a .txt file, or a datasets hub id.
+        output_dir: where the checkpoint directory is written.
+        adapter_name: method: lora, dora, ia3, prefix-tuning, p-tuning, prompt-tuning, bottleneck, adapterh, adapterp, parallel, scaled_parallel (case and -/_ do not matter).
+        load_8bit: load the base model in 8-bit (bitsandbytes).
+        load_4bit: load the base model in 4-bit NF4 with double quantization (QLoRA).
+        batch_size: global batch size; gradient accumulation = batch_size / micro_batch_size / world size.
+        micro_batch_size: examples per device per forward pass.
+        num_epochs: passes over the training data (may be fractional).
+        max_steps: stop after this many optimizer steps (-1: train num_epochs).
+        learning_rate: peak learning rate of AdamW (linear decay after warmup).
+        warmup_steps: linear warmup steps.
+        cutoff_len: maximum tokens per example; longer ones are truncated.
+        val_set_size: validation records held out: a count, or a fraction in (0, 1); 0 for none.
+        eval_step: evaluate every N steps (when there is a validation set).
+        save_step: save a resumable checkpoint-N/ every N steps.
+        save_total_limit: keep at most this many checkpoint-N/ folders.
+        target_modules: layers to adapt: '[q_proj,v_proj]', 'q_proj,v_proj' or a list; default per model family.
+        lora_r: LoRA/DoRA rank.
+        lora_alpha: LoRA/DoRA alpha (scaling alpha/r).
+        lora_dropout: dropout on the LoRA/DoRA input.
+        num_virtual_tokens: virtual tokens of prefix-, p- and prompt tuning.
+        bottleneck_size: hidden width of bottleneck adapters.
+        non_linearity: activation of bottleneck adapters (any transformers ACT2FN name).
+        adapter_dropout: dropout on the bottleneck adapter input.
+        use_parallel_adapter: bottleneck adapters beside the layer (Parallel) instead of in series.
+        use_adapterp: bottleneck default targets of AdapterP (after the MLP only).
+        scaling: bottleneck output scale: a number or 'learned'.
+        init_weights: bottleneck init: 'bert' (N(0, 0.02)) or 'mam_adapter' (starts as identity).
+        embedding_lambda: SIBO: weight of the initial embeddings mixed into adapter inputs (0 = off).
+        ffn: SIBO: inject at the MLP sites (see docs/adapters.md); default decided per method.
+        prompt_template_name: template in templates/ (alpaca, alpaca_short, alpaca_legacy, llm_adapters, vicuna, chatml) or a JSON path.
+        train_on_inputs: put loss on the prompt tokens too (False trains on the response only).
+        group_by_length: batch examples of similar length together (less padding, faster).
+        use_gradient_checkpointing: recompute activations in backward to save memory.
+        resume_from_checkpoint: a checkpoint-N/ folder (full resume), 'latest' (newest in output_dir), or a finished adapter folder (warm start).
+        overwrite: allow writing into an output_dir that already holds a run.
+        seed: random seed of the split, the shuffling and the adapter init.
+        report_to: logging backend when wandb is not used: none or tensorboard.
+        wandb_project: log to this Weights & Biases project (offline when no login is configured).
+        wandb_run_name: W&B run name.
+        wandb_watch: W&B watch mode: false, gradients or all.
+        wandb_log_model: W&B: upload checkpoints as artifacts ('checkpoint' or 'end').
+        trust_remote_code: allow model code from the hub (off by default: it runs foreign code).
+    """
+    args = dict(locals())
+    started = time.time()
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+
+    # Parse and check everything cheap first, so bad input fails before any file is written.
+    accumulation = training.accumulation_steps(batch_size, micro_batch_size, world_size)
+    if cutoff_len <= 0:
+        raise UsageError(f"--cutoff_len must be positive, got {cutoff_len}")
+    adapter_options = {k: args[k] for k in training.ADAPTER_FLAGS}
+    adapters.resolve(adapter_name, adapter_options)
+    prompter = Prompter.load(prompt_template_name)
+    resume = training.resume_plan(resume_from_checkpoint, output_dir, overwrite)
+    train_data, _ = load_data(data_path)
+    train_data, val_data = split_validation(train_data, val_set_size, seed)
+    training.check_schedule(eval_step, save_step, has_validation=val_data is not None)
+    report = training.reporting(report_to, wandb_project, wandb_run_name, wandb_watch, wandb_log_model)
+
+    # Load the tokenizer and data, then the model, then wrap it in the adapter.
+    tokenizer = load_tokenizer(base_model, trust_remote_code)
+    train_set = tokenize(train_data, tokenizer, prompter, cutoff_len, train_on_inputs)
+    val_set = tokenize(val_data, tokenizer, prompter, cutoff_len, train_on_inputs) if val_data else None
+    if len(train_set) == 0:
+        raise UsageError("no training example has a token to learn from; raise --cutoff_len")
+    model = load_base_model(base_model, load_8bit, load_4bit, trust_remote_code=trust_remote_code)
+    model = training.prepare_base(model, quantized=load_8bit or load_4bit, checkpointing=use_gradient_checkpointing)
+    if resume.warm_start:
+        model = training.warm_start(model, resume.warm_start)
+    else:
+        model = adapters.build(model, adapter_name, adapter_options)
+    trainable, total = parameter_counts(model)
+    print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)")
+
+    # Train with the HF Trainer; resumable checkpoint-N/ folders land in output_dir.
+    trainer = training.make_trainer(
+        model, tokenizer, train_set, val_set,
+        output_dir=output_dir, micro_batch_size=micro_batch_size, accumulation=accumulation,
+        num_epochs=num_epochs, max_steps=max_steps, learning_rate=learning_rate,
+        warmup_steps=warmup_steps, eval_step=eval_step, save_step=save_step,
+        save_total_limit=save_total_limit, group_by_length=group_by_length,
+        checkpointing=use_gradient_checkpointing, seed=seed, report=report,
+    )
+    result = trainer.train(resume_from_checkpoint=resume.checkpoint)
+
+    # Save the adapter, tokenizer, template and run record, each file written atomically.
+    if trainer.is_world_process_zero():
+        record = training.run_record(args, trainer, result, trainable, total, started, len(train_set))
+        training.save_final(model, tokenizer, prompter, record, output_dir)
+        print(f"saved the {adapters.resolve(adapter_name, {})[0]} adapter to {output_dir}")
+
+
+if __name__ == "__main__":
+    run_cli(train)

@@ -1,0 +1,294 @@
+"""What finetune.py needs around the HF Trainer: checks, resume, logging, the run record, saving."""
+import importlib.metadata
+import netrc
+import os
+import platform
+import resource
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load_file
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from peft_ext.errors import UsageError
+from peft_ext.files import write_json_atomic
+from peft_ext.modeling import ADAPTER_CONFIG, load_adapter, precision
+
+# The finetune flags that describe the adapter; they travel together to peft_ext.adapters.build.
+ADAPTER_FLAGS = (
+    "target_modules", "lora_r", "lora_alpha", "lora_dropout", "num_virtual_tokens",
+    "bottleneck_size", "non_linearity", "adapter_dropout", "use_parallel_adapter", "use_adapterp",
+    "scaling", "init_weights", "embedding_lambda", "ffn",
+)
+RUN_RECORD = "run.json"
+TRAINER_STATE = "trainer_state.json"
+LIBRARIES = ("torch", "transformers", "peft", "datasets", "accelerate", "bitsandbytes", "safetensors")
+
+
+def accumulation_steps(batch_size: int, micro_batch_size: int, world_size: int) -> int:
+    """Gradient accumulation that makes micro batches on every process add up to `batch_size` exactly."""
+    for name, value in (("--batch_size", batch_size), ("--micro_batch_size", micro_batch_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise UsageError(f"{name} must be a positive integer, got {value!r}")
+    per_step = micro_batch_size * world_size
+    if batch_size % per_step:
+        raise UsageError(
+            f"--batch_size {batch_size} is not a multiple of --micro_batch_size {micro_batch_size} "
+            f"x {world_size} process(es); choose sizes that divide evenly"
+        )
+    return batch_size // per_step
+
+
+def check_schedule(eval_step: int, save_step: int, has_validation: bool) -> None:
+    if save_step <= 0 or (has_validation and eval_step <= 0):
+        raise UsageError("--eval_step and --save_step must be positive")
+    # The best checkpoint is reloaded at the end, so every save must follow an evaluation.
+    if has_validation and save_step % eval_step:
+        raise UsageError(
+            f"--save_step {save_step} must be a multiple of --eval_step {eval_step} when there is a validation set"
+        )
+
+
+@dataclass
+class ResumePlan:
+    checkpoint: str | None = None  # a checkpoint-N/ folder: optimizer, scheduler, RNG and data position
+    warm_start: str | None = None  # a finished adapter folder: its weights only
+
+
+def resume_plan(resume_from_checkpoint, output_dir: str, overwrite: bool) -> ResumePlan:
+    """Decide how this run starts, refusing to silently train over an earlier run's files."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise UsageError(f"--output_dir {output_dir!r} is a file; give a directory path")
+    if resume_from_checkpoint in (None, False, ""):
+        has_run = os.path.isdir(output_dir) and (
+            os.path.exists(os.path.join(output_dir, RUN_RECORD)) or get_last_checkpoint(output_dir)
+        )
+        if has_run and not overwrite:
+            raise UsageError(
+                f"{output_dir!r} already holds a run; continue it with --resume_from_checkpoint latest, "
+                "replace it with --overwrite, or pick another --output_dir"
+            )
+        return ResumePlan()
+    if resume_from_checkpoint is True or str(resume_from_checkpoint).lower() in ("latest", "last", "true"):
+        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if last is None:
+            raise UsageError(f"--resume_from_checkpoint latest: {output_dir!r} holds no checkpoint-N folder")
+        return ResumePlan(checkpoint=last)
+    path = str(resume_from_checkpoint)
+    if os.path.isfile(os.path.join(path, TRAINER_STATE)):
+        return ResumePlan(checkpoint=path)
+    if os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):
+        return ResumePlan(warm_start=path)
+    raise UsageError(
+        f"--resume_from_checkpoint {path!r} is neither a checkpoint-N folder nor an adapter folder; "
+        "give one of those, or 'latest'"
+    )
+
+
+@dataclass
+class Reporting:
+    report_to: list[str]
+    run_name: str | None
+
+
+def _wandb_login_configured() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def reporting(report_to: str, project: str, run_name: str, watch: str, log_model: str) -> Reporting:
+    """wandb when a project is named (offline without a login, so it never prompts), else `report_to`."""
+    project = project or os.environ.get("WANDB_PROJECT", "")
+    if project:
+        os.environ["WANDB_PROJECT"] = project
+        if watch:
+            os.environ["WANDB_WATCH"] = watch
+        if log_model:
+            os.environ["WANDB_LOG_MODEL"] = log_model
+        if not os.environ.get("WANDB_MODE") and not _wandb_login_configured():
+            os.environ["WANDB_MODE"] = "offline"
+            print("wandb: no login configured, logging offline (sync later with `wandb sync`)")
+        return Reporting(["wandb"], run_name or None)
+    if report_to not in ("none", "tensorboard", "wandb"):
+        raise UsageError(f"--report_to {report_to!r} is not supported; use none, tensorboard or wandb")
+    return Reporting([report_to], run_name or None)
+
+
+def prepare_base(model, quantized: bool, checkpointing: bool):
+    """Freeze the base; for k-bit models, cast norms to fp32 and keep inputs differentiable."""
+    if quantized:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    model.config.use_cache = False  # the cache only costs memory in training
+    return model
+
+
+def warm_start(model, adapter_dir: str):
+    """Continue training a finished adapter: its config and weights, fresh optimizer and schedule."""
+    print(f"warm start from {adapter_dir} (its adapter_config.json sets the method and its settings)")
+    return load_adapter(model, adapter_dir, is_trainable=True)
+
+
+class ThroughputMeter(TrainerCallback):
+    """Tokens and steps of this process's share of training, for tokens/s that survive a resume."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = (time.perf_counter(), state.num_input_tokens_seen, state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        seconds = time.perf_counter() - self.start[0]
+        self.seconds = seconds
+        self.tokens_per_second = (state.num_input_tokens_seen - self.start[1]) / max(seconds, 1e-9)
+        self.steps_per_second = (state.global_step - self.start[2]) / max(seconds, 1e-9)
+
+
+def make_trainer(
+    model, tokenizer, train_set, val_set, *, output_dir, micro_batch_size, accumulation, num_epochs,
+    max_steps, learning_rate, warmup_steps, eval_step, save_step, save_total_limit, group_by_length,
+    checkpointing, seed, report: Reporting,
+) -> Trainer:
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    dtype = precision()
+    args = TrainingArguments(
+        output_dir=output_dir,
+        per_device_train_batch_size=micro_batch_size,
+        per_device_eval_batch_size=micro_batch_size,
+        gradient_accumulation_steps=accumulation,
+        num_train_epochs=num_epochs,
+        max_steps=max_steps,
+        learning_rate=learning_rate,
+        warmup_steps=warmup_steps,
+        optim="adamw_torch",
+        bf16=dtype == "bf16",
+        fp16=dtype == "fp16",
+        logging_steps=10,
+        logging_first_step=True,
+        eval_strategy="steps" if val_set is not None else "no",
+        eval_steps=eval_step if val_set is not None else None,
+        save_strategy="steps",
+        save_steps=save_step,
+        save_total_limit=save_total_limit,
+        load_best_model_at_end=val_set is not None,
+        train_sampling_strategy="group_by_length" if group_by_length else "random",
+        activation_checkpointing=checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available(),  # also what makes torchrun on CPUs run DDP over gloo
+        ddp_find_unused_parameters=False if world_size > 1 else None,
+        include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False,
+        report_to=report.report_to,
+        run_name=report.run_name,
+        seed=seed,
+        data_seed=seed,
+    )
+    tokenizer.padding_side = "right"
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=8, label_pad_token_id=-100)
+    return Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=val_set,
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=[ThroughputMeter()],
+    )
+
+
+def peak_memory() -> tuple[int, str]:
+    """(bytes, kind): peak GPU memory allocated on a GPU, else the process's peak resident set."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated(), "gpu"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_rss"
+
+
+def _versions() -> dict:
+    found = {"python": platform.python_version()}
+    for lib in LIBRARIES:
+        try:
+            found[lib] = importlib.metadata.version(lib)
+        except importlib.metadata.PackageNotFoundError:
+            found[lib] = None
+    return found
+
+
+def run_record(args: dict, trainer: Trainer, result, trainable: int, total: int, started: float, n_train: int) -> dict:
+    """Everything a later reader (sweep tables, a reviewer) needs to know about this run."""
+    from peft_ext.adapters import resolve
+
+    state = trainer.state
+    meter = next(c for c in trainer.callback_handler.callbacks if isinstance(c, ThroughputMeter))
+    train_losses = [[log["step"], log["loss"]] for log in state.log_history if "loss" in log]
+    val_losses = [[log["step"], log["eval_loss"]] for log in state.log_history if "eval_loss" in log]
+    memory, memory_kind = peak_memory()
+    return {
+        "args": args,
+        "adapter": resolve(args["adapter_name"], {})[0],
+        "versions": _versions(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)",
+        "precision": precision(),
+        "world_size": trainer.args.world_size,
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_percent": 100 * trainable / total,
+        "train_examples": n_train,
+        "steps": state.global_step,
+        "epochs": state.epoch,
+        "tokens_seen": state.num_input_tokens_seen,
+        "wall_seconds": time.time() - started,
+        "train_seconds": meter.seconds,
+        "tokens_per_second": meter.tokens_per_second,
+        "steps_per_second": meter.steps_per_second,
+        "peak_memory_bytes": memory,
+        "peak_memory_kind": memory_kind,
+        "train_loss_mean": result.training_loss,
+        "final_train_loss": train_losses[-1][1] if train_losses else None,
+        "final_val_loss": val_losses[-1][1] if val_losses else None,
+        "loss_history": train_losses,
+        "val_loss_history": val_losses,
+    }
+
+
+def verify_saved_adapter(model, directory: str) -> None:
+    """Reload the saved weights and compare them with the live ones (catches empty or stale saves)."""
+    from peft import get_peft_model_state_dict
+
+    saved = load_file(os.path.join(directory, "adapter_model.safetensors"))
+    live = get_peft_model_state_dict(model)
+    if not saved or saved.keys() != live.keys():
+        raise RuntimeError(f"saved adapter in {directory} holds {len(saved)} tensors, expected {len(live)}")
+    for key, tensor in live.items():
+        if not torch.equal(saved[key], tensor.detach().cpu().to(saved[key].dtype)):
+            raise RuntimeError(f"saved adapter tensor {key} differs from the trained one")
+
+
+def save_final(model, tokenizer, prompter, record: dict, output_dir: str) -> None:
+    """Write the adapter, tokenizer and template beside the checkpoints, then run.json last."""
+    os.makedirs(output_dir, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=output_dir, prefix=".final-")
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        prompter.save(staging)
+        verify_saved_adapter(model, staging)
+        for name in os.listdir(staging):
+            target = os.path.join(output_dir, name)
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(staging, name), target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    write_json_atomic(os.path.join(output_dir, RUN_RECORD), record)

@@ -1,0 +1,150 @@
+"""Data loading, prompt rendering and tokenization: what reaches the model, token by token."""
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from peft_ext.adapters import parse_list
+from peft_ext.data import IGNORE_INDEX, encode, load_data, split_validation, tokenize
+from peft_ext.errors import UsageError
+from peft_ext.prompts import Prompter, available_templates
+
+RECORD = {"instruction": "Tom has 3 apples and buys 5 more. How many apples does he have?", "input": "", "output": "The answer is 8."}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return AutoTokenizer.from_pretrained(tiny_model_dir("llama"))
+
+
+def test_every_template_renders_and_splits_responses():
+    assert {"alpaca", "alpaca_short", "alpaca_legacy", "llm_adapters", "vicuna", "chatml"} <= set(available_templates())
+    for name in available_templates():
+        p = Prompter.load(name)
+        with_input = p.prompt("Add the numbers.", "2 and 3")
+        assert "Add the numbers." in with_input and "2 and 3" in with_input
+        assert p.response(p.prompt("Q") + " The answer is 5.") == "The answer is 5."
+
+
+def test_llm_adapters_template_is_the_papers_prompt_byte_for_byte():
+    pad = " " * 16
+    expected = (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request.  \n\n"
+        f"{pad}### Instruction:\n{pad}What is 2+2?\n{pad}\n{pad}### Response:\n{pad}"
+    )
+    assert Prompter.load("llm_adapters").prompt("What is 2+2?") == expected
+
+
+def test_prompt_masking_is_exact_token_by_token(tokenizer):
+    prompter = Prompter.load("alpaca")
+    prompt = prompter.prompt(RECORD["instruction"])
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    full_ids = tokenizer(prompt + RECORD["output"])["input_ids"]
+    ex = encode(tokenizer, prompter.record_segments(RECORD), cutoff_len=256, train_on_inputs=False)
+    assert ex["input_ids"] == full_ids + [tokenizer.eos_token_id]
+    # Masked: exactly the tokens the prompt alone produces (the prompt ends in a newline, so no merge).
+    assert full_ids[: len(prompt_ids)] == prompt_ids
+    assert ex["labels"] == [IGNORE_INDEX] * len(prompt_ids) + full_ids[len(prompt_ids):] + [tokenizer.eos_token_id]
+    trained = tokenizer.decode([t for t in ex["labels"] if t != IGNORE_INDEX], skip_special_tokens=True)
+    assert trained == RECORD["output"]
+
+
+def test_token_merged_across_the_boundary_stays_trainable(tokenizer):
+    # The llm_adapters prompt ends in 16 spaces: the last spaces merge with the answer's first word.
+    prompter = Prompter.load("llm_adapters")
+    segments = prompter.record_segments(RECORD)
+    ex = encode(tokenizer, segments, cutoff_len=512, train_on_inputs=False)
+    prompt_ids = tokenizer(segments[0][0])["input_ids"]
+    n_masked = ex["labels"].count(IGNORE_INDEX)
+    assert ex["labels"][:n_masked] == [IGNORE_INDEX] * n_masked
+    # The prompt alone ends in a lone space token; in the whole text that space joins " The".
+    assert n_masked == len(prompt_ids) - 1
+    assert ex["input_ids"][:n_masked] == prompt_ids[:n_masked]
+    assert tokenizer.decode([ex["input_ids"][n_masked]]) == " The"
+    trained = tokenizer.decode([t for t in ex["labels"] if t != IGNORE_INDEX], skip_special_tokens=True)
+    assert trained.endswith(RECORD["output"]) and trained.strip() == RECORD["output"]
+
+
+def test_cut_prompt_is_fully_masked_and_dropped(tokenizer):
+    prompter = Prompter.load("alpaca")
+    n_prompt = len(tokenizer(prompter.prompt(RECORD["instruction"]))["input_ids"])
+    cutoff = n_prompt - 5
+    ex = encode(tokenizer, prompter.record_segments(RECORD), cutoff_len=cutoff, train_on_inputs=False)
+    assert len(ex["input_ids"]) == cutoff and ex["labels"] == [IGNORE_INDEX] * cutoff
+    assert tokenizer.eos_token_id not in ex["input_ids"]  # truncated: no EOS
+    from datasets import Dataset
+
+    kept = tokenize(Dataset.from_list([RECORD, {**RECORD, "instruction": "2+2?"}]), tokenizer, prompter, cutoff, False)
+    assert len(kept) == 1  # the example with nothing to learn is dropped
+
+
+def test_eos_only_when_it_fits_and_train_on_inputs_keeps_all(tokenizer):
+    prompter = Prompter.load("alpaca")
+    segments = prompter.record_segments(RECORD)
+    n = len(tokenizer("".join(t for t, _ in segments))["input_ids"])
+    fits = encode(tokenizer, segments, cutoff_len=n + 1, train_on_inputs=True)
+    assert fits["input_ids"][-1] == tokenizer.eos_token_id and len(fits["input_ids"]) == n + 1
+    assert fits["labels"] == fits["input_ids"]
+    exact = encode(tokenizer, segments, cutoff_len=n, train_on_inputs=True)
+    assert len(exact["input_ids"]) == n and exact["input_ids"][-1] != tokenizer.eos_token_id
+
+
+def test_conversation_masks_user_turns(tokenizer):
+    prompter = Prompter.load("vicuna")
+    turns = [
+        {"from": "human", "value": "What is 2+2?"},
+        {"from": "gpt", "value": "It is 4."},
+        {"from": "human", "value": "And 3+3?"},
+        {"from": "gpt", "value": "It is 6."},
+    ]
+    ex = encode(tokenizer, prompter.conversation_segments(turns), cutoff_len=512, train_on_inputs=False)
+    trained = [t for t in ex["labels"] if t != IGNORE_INDEX]
+    text = tokenizer.decode(trained, skip_special_tokens=True)
+    assert "It is 4." in text and "It is 6." in text
+    assert "What is 2+2?" not in text and "And 3+3?" not in text
+
+
+def test_load_data_formats(tmp_path):
+    records = [RECORD, {**RECORD, "instruction": "2+2?", "extra": 1}]
+    (tmp_path / "a.json").write_text(json.dumps(records))
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "train.json").write_text(json.dumps(records))
+    (tmp_path / "d" / "test.json").write_text(json.dumps(records[:1]))
+    (tmp_path / "t.txt").write_text("some raw text " * 50)
+    (tmp_path / "c.json").write_text(json.dumps([{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}]))
+    assert load_data(str(tmp_path / "a.json"))[0]["instruction"] == [RECORD["instruction"], "2+2?"]
+    assert len(load_data(str(tmp_path / "a.jsonl"))[0]) == 2
+    train, test = load_data(str(tmp_path / "d"))
+    assert (len(train), len(test)) == (2, 1)
+    assert load_data(str(tmp_path / "t.txt"))[0].column_names == ["text"]
+    assert load_data(str(tmp_path / "c.json"))[0][0]["conversations"][1]["value"] == "hello"
+
+
+def test_raw_text_is_chunked_to_cutoff(tmp_path, tokenizer):
+    (tmp_path / "t.txt").write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    data, _ = load_data(str(tmp_path / "t.txt"))
+    blocks = tokenize(data, tokenizer, Prompter.load("alpaca"), cutoff_len=32, train_on_inputs=False)
+    lengths = [len(b) for b in blocks["input_ids"]]
+    assert all(n == 32 for n in lengths[:-1]) and 1 < lengths[-1] <= 32
+    assert blocks[0]["labels"] == blocks[0]["input_ids"]
+    all_ids = [t for b in blocks["input_ids"] for t in b]
+    assert all_ids == tokenizer(data[0]["text"])["input_ids"] + [tokenizer.eos_token_id]
+
+
+@pytest.mark.parametrize(("size", "expected"), [(0, 0), (3, 3), (0.25, 5), (0.5, 10)])
+def test_val_set_size_count_or_fraction(size, expected):
+    from datasets import Dataset
+
+    data = Dataset.from_list([{"instruction": str(i), "output": str(i)} for i in range(20)])
+    train, val = split_validation(data, size, seed=1)
+    assert (len(val) if val else 0) == expected and len(train) == 20 - expected
+    with pytest.raises(UsageError):
+        split_validation(data, 20, seed=1)
+
+
+@pytest.mark.parametrize(
+    "value", ["[q_proj,v_proj]", "q_proj,v_proj", '["q_proj", "v_proj"]', ["q_proj", "v_proj"], ("q_proj", "v_proj")]
+)
+def test_target_modules_spellings(value):
+    assert parse_list(value) == ["q_proj", "v_proj"]

@@ -1,0 +1,211 @@
+"""finetune.py end to end on tiny offline models: learning, saving, reloading, resuming, refusing."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+import finetune
+from peft_ext import adapters, training
+from tiny import FAMILIES
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MEMORIZE = [
+    {"instruction": "What is 2 + 3?", "input": "", "output": "2 + 3 = 5. The answer is 5."},
+    {"instruction": "Tom has 3 apples and buys 5 more. How many?", "input": "", "output": "3 + 5 = 8. The answer is 8."},
+    {"instruction": "What is 12 - 4?", "input": "", "output": "12 - 4 = 8. The answer is 8."},
+    {"instruction": "Which is correct?", "input": "(A) 1 (B) 2", "output": "The answer is (B)."},
+]
+# Learning rates that move each method clearly within a few dozen steps on a tiny random model.
+LEARNING_RATE = {"lora": 2e-2, "dora": 2e-2, "ia3": 1e-1, "prefix-tuning": 1e-1, "p-tuning": 3e-2, "prompt-tuning": 1e-1}
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "memorize.json"
+    path.write_text(json.dumps(MEMORIZE))
+    return str(path)
+
+
+def quick_args(base_model, data_path, output_dir, **overrides):
+    args = dict(
+        base_model=base_model, data_path=data_path, output_dir=str(output_dir), batch_size=4,
+        micro_batch_size=2, max_steps=30, learning_rate=2e-2, warmup_steps=0, val_set_size=0,
+        save_step=10, num_virtual_tokens=8, bottleneck_size=16,
+    )
+    return {**args, **overrides}
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """The trained PeftModel, as finetune.py hands it to save_final."""
+    box = {}
+    original = training.save_final
+
+    def keep(model, *a, **k):
+        box["model"] = model
+        return original(model, *a, **k)
+
+    monkeypatch.setattr(training, "save_final", keep)
+    return box
+
+
+def logits_of(model, tokenizer):
+    ids = tokenizer(["What is 2 + 3?", "Tom has 3 apples"], return_tensors="pt", padding=True)
+    model.eval()
+    with torch.no_grad():
+        return model(**ids).logits
+
+
+def reload(base_dir, adapter_dir):
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    return PeftModel.from_pretrained(base, adapter_dir)
+
+
+MATRIX = [(f, m) for m in adapters.METHODS for f in FAMILIES]
+
+
+@pytest.mark.parametrize(("family", "method"), MATRIX, ids=[f"{f}-{m}" for f, m in MATRIX])
+def test_every_method_learns_saves_and_reloads_on_every_family(family, method, tiny_model_dir, data_file, tmp_path, captured):
+    base = tiny_model_dir(family)
+    out = tmp_path / "out"
+    finetune.train(**quick_args(base, data_file, out, adapter_name=method, learning_rate=LEARNING_RATE.get(method, 2e-2)))
+    record = json.loads((out / "run.json").read_text())
+    losses = [loss for _, loss in record["loss_history"]]
+    assert record["steps"] == 30 and losses[-1] < 0.92 * losses[0], losses
+    assert 0 < record["trainable_params"] < record["total_params"]
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    trained = logits_of(captured["model"], tokenizer)
+    reloaded = logits_of(reload(base, str(out)), tokenizer)
+    torch.testing.assert_close(reloaded, trained, rtol=0, atol=1e-5)
+    # Every periodic checkpoint holds a real, non-empty adapter (alpaca-lora's 443-byte bug).
+    for step in (10, 20, 30):
+        tensors = load_file(out / f"checkpoint-{step}" / "adapter_model.safetensors")
+        assert tensors and sum(t.numel() for t in tensors.values()) == record["trainable_params"]
+
+
+def test_output_directory_contract(tiny_model_dir, data_file, tmp_path):
+    out = tmp_path / "out"
+    finetune.train(**quick_args(tiny_model_dir("llama"), data_file, out, val_set_size=1, eval_step=10, prompt_template_name="vicuna"))
+    names = set(os.listdir(out))
+    assert {"adapter_config.json", "adapter_model.safetensors", "run.json", "prompt_template.json", "tokenizer_config.json"} <= names
+    assert not any(n.startswith(".") for n in names)  # no staging leftovers
+    assert json.loads((out / "prompt_template.json").read_text())["name"] == "vicuna"
+    record = json.loads((out / "run.json").read_text())
+    assert record["args"]["adapter_name"] == "lora" and record["adapter"] == "lora"
+    assert record["versions"]["peft"] and record["versions"]["transformers"]
+    assert record["tokens_seen"] > 0 and record["peak_memory_bytes"] > 0 and record["wall_seconds"] > 0
+    assert record["final_val_loss"] is not None and record["train_examples"] == 3
+    assert record["tokens_per_second"] > 0
+
+
+def test_resume_from_checkpoint_matches_uninterrupted_run(tiny_model_dir, data_file, tmp_path):
+    base = tiny_model_dir("llama")
+    args = dict(max_steps=20, save_step=10, lora_dropout=0.1)  # dropout: the RNG state must resume too
+    finetune.train(**quick_args(base, data_file, tmp_path / "straight", **args))
+
+    class Crash(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 10:
+                raise KeyboardInterrupt
+
+    make = training.make_trainer
+
+    def crashing(*a, **k):
+        trainer = make(*a, **k)
+        trainer.add_callback(Crash())
+        return trainer
+
+    training.make_trainer = crashing
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            finetune.train(**quick_args(base, data_file, tmp_path / "crashed", **args))
+    finally:
+        training.make_trainer = make
+    assert not (tmp_path / "crashed" / "run.json").exists()
+    finetune.train(**quick_args(base, data_file, tmp_path / "crashed", resume_from_checkpoint="latest", **args))
+    straight = load_file(tmp_path / "straight" / "adapter_model.safetensors")
+    resumed = load_file(tmp_path / "crashed" / "adapter_model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=1e-5, atol=1e-6)
+
+
+def test_warm_start_from_finished_adapter(tiny_model_dir, data_file, tmp_path, captured):
+    base = tiny_model_dir("gpt2")
+    finetune.train(**quick_args(base, data_file, tmp_path / "first", max_steps=10))
+    first = load_file(tmp_path / "first" / "adapter_model.safetensors")
+    finetune.train(**quick_args(base, data_file, tmp_path / "second", max_steps=1, learning_rate=0.0,
+                                resume_from_checkpoint=str(tmp_path / "first")))
+    second = load_file(tmp_path / "second" / "adapter_model.safetensors")
+    for key in first:  # learning rate 0: the warm-started weights come through unchanged
+        torch.testing.assert_close(second[key], first[key])
+
+
+def test_quantized_4bit_and_8bit_lora_train_on_cpu(tiny_model_dir, data_file, tmp_path, captured):
+    import bitsandbytes as bnb
+
+    for flag, layer in (("load_4bit", bnb.nn.Linear4bit), ("load_8bit", bnb.nn.Linear8bitLt)):
+        out = tmp_path / flag
+        finetune.train(**quick_args(tiny_model_dir("llama"), data_file, out, max_steps=20, **{flag: True}))
+        assert any(isinstance(m, layer) for m in captured["model"].modules())
+        losses = [loss for _, loss in json.loads((out / "run.json").read_text())["loss_history"]]
+        assert losses[-1] < 0.9 * losses[0], (flag, losses)
+
+
+def test_gradient_checkpointing_and_group_by_length_learn_the_same(tiny_model_dir, data_file, tmp_path):
+    base = tiny_model_dir("llama")
+    finetune.train(**quick_args(base, data_file, tmp_path / "plain", max_steps=10, lora_dropout=0.0))
+    finetune.train(**quick_args(base, data_file, tmp_path / "ckpt", max_steps=10, lora_dropout=0.0, use_gradient_checkpointing=True))
+    plain = load_file(tmp_path / "plain" / "adapter_model.safetensors")
+    ckpt = load_file(tmp_path / "ckpt" / "adapter_model.safetensors")
+    for key in plain:
+        torch.testing.assert_close(ckpt[key], plain[key], rtol=1e-4, atol=1e-5)
+    finetune.train(**quick_args(base, data_file, tmp_path / "grouped", max_steps=10, group_by_length=True))
+    assert (tmp_path / "grouped" / "adapter_model.safetensors").exists()
+
+
+def test_wandb_offline_never_prompts(tiny_model_dir, data_file, tmp_path):
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_API_KEY": ""}
+    cmd = [sys.executable, "finetune.py", *flags(quick_args(tiny_model_dir("llama"), data_file, tmp_path / "out", max_steps=5)),
+           "--wandb_project", "llm-adapters-test"]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+def flags(args: dict) -> list[str]:
+    return [f"--{k}={v}" for k, v in args.items()]
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_on_cpu_saves_one_adapter(tiny_model_dir, data_file, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29731", "finetune.py",
+           *flags(quick_args(tiny_model_dir("llama"), data_file, out, max_steps=10, micro_batch_size=1))]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((out / "run.json").read_text())
+    assert record["world_size"] == 2 and record["steps"] == 10
+    assert done.stdout.count("saved the lora adapter") == 1  # only rank 0 writes
+    # 4 examples per step: 2 processes x micro batch 1 x accumulation 2.
+    assert record["args"]["batch_size"] == 4 and record["train_examples"] == 4
+
+
+def test_help_documents_every_flag():
+    import inspect
+
+    done = subprocess.run([sys.executable, "finetune.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PAGER": "cat"}, timeout=120)
+    lines = (done.stdout + done.stderr).splitlines()
+    for name in inspect.signature(finetune.train).parameters:
+        at = next((i for i, ln in enumerate(lines) if f"--{name}=" in ln), None)
+        assert at is not None, f"--{name} is missing from --help"
+        described = [ln for ln in lines[at + 1 : at + 4] if ln.strip() and not ln.strip().startswith(("Type:", "Default:", "-"))]
+        assert described, f"--{name} has no description in --help"

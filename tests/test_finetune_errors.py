@@ -1,0 +1,79 @@
+"""Bad input to finetune.py: one clear line on stderr, a non-zero exit, and nothing written."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import finetune
+from peft_ext.errors import UsageError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GOOD = [{"instruction": "What is 2 + 3?", "input": "", "output": "The answer is 5."}] * 4
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, tiny_model_dir):
+    d = tmp_path_factory.mktemp("bad")
+    (d / "good.json").write_text(json.dumps(GOOD))
+    (d / "malformed.json").write_text('[{"instruction": "x", "output": "y"},')
+    (d / "no_output.json").write_text(json.dumps([{"instruction": "x", "input": ""}]))
+    (d / "empty.json").write_text("[]")
+    (d / "a_file").write_text("I am a file")
+    return {"dir": d, "model": tiny_model_dir("llama")}
+
+
+CASES = {
+    "missing data file": ({"data_path": "{dir}/nope.json"}, "does not exist"),
+    "malformed JSON": ({"data_path": "{dir}/malformed.json"}, "neither JSON nor JSON Lines"),
+    "record lacking output": ({"data_path": "{dir}/no_output.json"}, "lacks 'output'"),
+    "empty dataset": ({"data_path": "{dir}/empty.json"}, "holds no records"),
+    "unknown adapter": ({"adapter_name": "loraa"}, "unknown --adapter_name"),
+    "unknown template": ({"prompt_template_name": "alpacca"}, "unknown prompt template"),
+    "targets match nothing": ({"target_modules": "[q_proj,qq_proj]"}, "match no layer"),
+    "batch not divisible": ({"batch_size": 6, "micro_batch_size": 4}, "not a multiple of --micro_batch_size"),
+    "cutoff_len not positive": ({"cutoff_len": 0}, "--cutoff_len must be positive"),
+    "output dir is a file": ({"output_dir": "{dir}/a_file"}, "is a file"),
+    "missing base model": ({"base_model": "{dir}/no_model"}, "does not exist"),
+    "val set too big": ({"val_set_size": 4}, "leaves no training data"),
+    "8 and 4 bit": ({"load_8bit": True, "load_4bit": True}, "exclude each other"),
+    "resume from nothing": ({"resume_from_checkpoint": "{dir}"}, "neither a checkpoint-N folder nor an adapter folder"),
+}
+
+
+def run_finetune(args: dict, dir) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "finetune.py"] + [f"--{k}={str(v).format(dir=dir)}" for k, v in args.items()]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_refused_before_anything_is_written(case, files, tmp_path):
+    overrides, expected = CASES[case]
+    out = tmp_path / "out"
+    args = {"base_model": files["model"], "data_path": "{dir}/good.json", "output_dir": str(out),
+            "batch_size": 4, "micro_batch_size": 2, "max_steps": 2, "val_set_size": 0, **overrides}
+    args = {k: v.format(dir=files["dir"]) if isinstance(v, str) else v for k, v in args.items()}
+    with pytest.raises(UsageError) as refused:
+        finetune.train(**args)
+    assert expected in str(refused.value) and "\n" not in str(refused.value)
+    assert not out.exists()
+
+
+def test_command_line_error_is_one_line_on_stderr_and_exit_2(files, tmp_path):
+    done = run_finetune({"base_model": files["model"], "data_path": "{dir}/malformed.json",
+                         "output_dir": str(tmp_path / "out")}, files["dir"])
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    errors = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "neither JSON nor JSON Lines" in errors[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_refuses_to_train_over_a_finished_run(files, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "run.json").write_text("{}")
+    done = run_finetune({"base_model": files["model"], "data_path": "{dir}/good.json", "output_dir": str(out),
+                         "val_set_size": 0}, files["dir"])
+    assert done.returncode == 2 and "already holds a run" in done.stderr
+    assert os.listdir(out) == ["run.json"] and (out / "run.json").read_text() == "{}"
