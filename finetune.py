@@ -9,6 +9,8 @@ and run.json; evaluate.py, generate.py and the export scripts read nothing else.
 import os
 import time
 
+from transformers import set_seed
+
 from peft_ext import adapters, training
 from peft_ext.data import load_data, split_validation, tokenize
 from peft_ext.errors import UsageError, run_cli
@@ -135,6 +137,7 @@ def train(
         raise UsageError("no training example has a token to learn from; raise --cutoff_len")
     model = load_base_model(base_model, load_8bit, load_4bit, trust_remote_code=trust_remote_code)
     model = training.prepare_base(model, quantized=load_8bit or load_4bit, checkpointing=use_gradient_checkpointing)
+    set_seed(seed)  # the adapter's random init is part of what a seed reproduces
     if resume.warm_start:
         model = training.warm_start(model, resume.warm_start)
     else:

@@ -184,10 +184,17 @@ def flags(args: dict) -> list[str]:
     return [f"--{k}={v}" for k, v in args.items()]
 
 
-@pytest.mark.slow
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_torchrun_two_processes_on_cpu_saves_one_adapter(tiny_model_dir, data_file, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29731", "finetune.py",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", "finetune.py",
            *flags(quick_args(tiny_model_dir("llama"), data_file, out, max_steps=10, micro_batch_size=1))]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
