@@ -1,0 +1,116 @@
+"""Score a model on the LLM-Adapters benchmark sets: batched, resumable, one command for a whole table.
+
+    python evaluate.py --lora_weights ./trained_models/llama-lora --dataset SVAMP
+    python evaluate.py --lora_weights ./trained_models/llama-lora --dataset math --batch_size 32
+    python evaluate.py --base_model ./merged-or-base-model --dataset boolq,piqa
+    torchrun --nproc_per_node 4 evaluate.py --lora_weights ... --dataset commonsense
+"""
+import os
+
+import peft_ext  # noqa: F401  registers our adapter methods with peft
+from peft_ext import answers
+from peft_ext.checkpoint import load_for_inference, resolve_checkpoint
+from peft_ext.errors import UsageError, run_cli
+from peft_ext.evaluation import Evaluation, Ranks, append_result, dataset_items, paper_table, resolve_tasks
+
+
+def main(
+    dataset: str = "",
+    base_model: str = "",  # default: the checkpoint's run.json / adapter_config.json
+    lora_weights: str = "",  # the checkpoint directory; none: the base model alone
+    weights_path: str = "",  # the seed's other name for --lora_weights
+    model: str = "",  # label of the run (default: the base model's folder name)
+    adapter: str = "",  # label of the run (default: the checkpoint's folder name, or "base")
+    data_dir: str = "data",
+    output_dir: str = "experiment",
+    prompt_template_name: str = "",  # default: the checkpoint's prompt_template.json, else alpaca
+    batch_size: int = 16,
+    num_beams: int = 1,
+    temperature: float = 0.0,  # 0: greedy (or beam search); above 0: sampling
+    max_new_tokens: int = 0,  # 0: each set's default (256 math, 32 commonsense)
+    answer_rule: str = "strict",  # AQuA: strict, or paper (the reference's first capital A-E)
+    max_examples: int = 0,  # 0: all; else the first N of each set
+    skip_missing: bool = False,  # leave absent sets out of a suite instead of stopping
+    overwrite: bool = False,  # discard earlier predictions of these sets instead of resuming
+    load_8bit: bool = False,
+    load_4bit: bool = False,
+    seed: int = 42,  # for sampling
+    trust_remote_code: bool = False,
+):
+    """Score a base model plus an adapter checkpoint (finetune.py's output_dir, which names its base
+    model, template and tokenizer), or a plain or merged model given as --base_model alone.
+
+    --dataset takes names (AddSub, MultiArith, SingleEq, gsm8k, AQuA, SVAMP, mawps, boolq, piqa,
+    social_i_qa, hellaswag, winogrande, ARC-Easy, ARC-Challenge, openbookqa; any case, and the paper's
+    column names), `math`, `commonsense`, comma lists, or paths to test.json files; names are read from
+    DATA_DIR/NAME/test.json (data/README.md says how to fetch them).
+
+    Decoding is greedy by default; the reference decoded with 4 beams (--num_beams 4) and read AQuA's
+    first capital letter (--answer_rule paper; peft_ext/answers.py documents both rules). Results go to
+    OUTPUT_DIR/MODEL-ADAPTER/DATASET/ (predictions.jsonl, settings.json, metrics.json), a row per
+    finished set to OUTPUT_DIR/results.csv, and for a suite the paper's table to
+    OUTPUT_DIR/MODEL-ADAPTER/SUITE.md. Run the same command again to continue an interrupted run.
+    """
+    # parse
+    if lora_weights and weights_path and lora_weights != weights_path:
+        raise UsageError("--lora_weights and --weights_path name the same thing; give one")
+    if batch_size < 1 or num_beams < 1 or max_new_tokens < 0 or temperature < 0:
+        raise UsageError("--batch_size and --num_beams must be at least 1, --max_new_tokens and --temperature at least 0")
+    checkpoint = resolve_checkpoint(base_model, lora_weights or weights_path, prompt_template_name)
+    tasks, missing = resolve_tasks(dataset, data_dir, max_examples, skip_missing)
+    model_label = model or os.path.basename(os.path.normpath(checkpoint.base_model))
+    adapter_label = adapter or (os.path.basename(os.path.normpath(checkpoint.adapter_dir)) if checkpoint.adapter_dir else "base")
+    run = Evaluation(
+        run_dir=os.path.join(output_dir, f"{model_label}-{adapter_label}"),
+        identity={**checkpoint.identity(), "load_8bit": load_8bit, "load_4bit": load_4bit},
+        num_beams=num_beams,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        answer_rule=answers.check_rule(answer_rule),
+        batch_size=batch_size,
+        seed=seed,
+    )
+    ranks = Ranks()
+    if overwrite and ranks.main:
+        for task in tasks:
+            run.discard(task)
+    ranks.barrier()
+    metrics = {task.benchmark.name: run.finished(task) for task in tasks}
+    pending = [task for task in tasks if metrics[task.benchmark.name] is None]
+
+    # load (only when there is work: a finished run answers in seconds)
+    if pending:
+        lm, tokenizer = load_for_inference(checkpoint, load_8bit, load_4bit, trust_remote_code)
+
+    # run
+    for task in pending:
+        metrics[task.benchmark.name] = result = run.run(task, lm, tokenizer, checkpoint.prompter, ranks)
+        if ranks.main:
+            append_result(output_dir, {
+                **result, **result["settings"],
+                "model": model_label, "adapter": adapter_label, "accuracy": round(100 * result["accuracy"], 2),
+                "batch_size": batch_size, "prompt_template": checkpoint.prompter.name,
+            })
+    ranks.close()
+    if not ranks.main:
+        return
+
+    # save: a line per set, and the paper's table per suite
+    for task in tasks:
+        m = metrics[task.benchmark.name]
+        speed = f", {m['examples_per_s']:.2f} examples/s" if m["generated"] else " (done before)"
+        print(f"{task.benchmark.name}: {100 * m['accuracy']:.1f}% ({m['correct']}/{m['n']}){speed}"
+              f" -> {os.path.join(run.task_dir(task), 'metrics.json')}")
+    for benchmark in missing:
+        print(f"{benchmark.name}: skipped, no {os.path.join(data_dir, benchmark.name, 'test.json')}")
+    accuracy = {name: m["accuracy"] for name, m in metrics.items()}
+    for suite in dict.fromkeys(s.lower() for s in dataset_items(dataset) if s.lower() in answers.SUITES):
+        table = paper_table(model_label, adapter_label, suite, accuracy)
+        os.makedirs(run.run_dir, exist_ok=True)
+        with open(os.path.join(run.run_dir, f"{suite}.md"), "w") as f:
+            f.write(table)
+        print(f"\n{table}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

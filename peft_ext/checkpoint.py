@@ -1,0 +1,104 @@
+"""What an inference script needs from a checkpoint directory: the base model, the tokenizer, the prompt
+template, and the model itself, loaded for inference.
+
+A checkpoint directory (finetune.py's output_dir) holds the adapter in peft's format, the tokenizer,
+`prompt_template.json` and `run.json` (whose "args" name the base model). A merged model (from
+export_hf_checkpoint.py) or any plain model is used as `--base_model` with no adapter.
+"""
+import json
+import os
+from dataclasses import dataclass, field
+
+from peft_ext.errors import UsageError
+from peft_ext.modeling import (
+    ADAPTER_CONFIG,
+    compute_dtype,
+    load_adapter,
+    load_base_model,
+    load_tokenizer,
+    read_adapter_config,
+)
+from peft_ext.prompts import TEMPLATE_FILE, Prompter
+
+RUN_FILE = "run.json"
+TOKENIZER_FILE = "tokenizer_config.json"
+
+
+@dataclass
+class Checkpoint:
+    base_model: str
+    adapter_dir: str | None  # None: the base model alone
+    prompter: Prompter
+    run_args: dict = field(default_factory=dict)  # the training arguments from run.json
+
+    @property
+    def tokenizer_dir(self) -> str:
+        """The checkpoint's own tokenizer when it saved one (it may add tokens), else the base model's."""
+        if self.adapter_dir and os.path.isfile(os.path.join(self.adapter_dir, TOKENIZER_FILE)):
+            return self.adapter_dir
+        return self.base_model
+
+    def identity(self) -> dict:
+        """What decides the model's outputs, to tell whether saved predictions came from this model."""
+        return {
+            "base_model": _canonical(self.base_model),
+            "lora_weights": _canonical(self.adapter_dir) if self.adapter_dir else None,
+            "prompt_template": self.prompter.template,
+            "dtype": str(compute_dtype()).removeprefix("torch."),
+        }
+
+
+def _canonical(path: str) -> str:
+    """A local path made absolute (so a run can resume from another working directory); a hub id as is."""
+    return os.path.realpath(path) if os.path.exists(path) else path
+
+
+def _read_run_args(adapter_dir: str) -> dict:
+    path = os.path.join(adapter_dir, RUN_FILE)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            return json.load(f).get("args", {})
+    except (json.JSONDecodeError, AttributeError):
+        raise UsageError(f"{path} is not a JSON object with an 'args' object; fix or remove it") from None
+
+
+def _check_adapter_dir(adapter_dir: str) -> dict:
+    """The adapter config; a clear error for a folder that is not an adapter checkpoint."""
+    looks_like_full_model = os.path.isfile(os.path.join(adapter_dir, "config.json"))
+    if looks_like_full_model and not os.path.isfile(os.path.join(adapter_dir, ADAPTER_CONFIG)):
+        raise UsageError(
+            f"{adapter_dir!r} holds a full model, not an adapter: pass it as --base_model and leave --lora_weights out"
+        )
+    return read_adapter_config(adapter_dir)
+
+
+def resolve_checkpoint(base_model: str = "", adapter_dir: str = "", prompt_template_name: str = "") -> Checkpoint:
+    """The base model comes from the flag, else run.json, else adapter_config.json's base_model_name_or_path;
+    the template from the flag, else the checkpoint's (or merged model's) prompt_template.json, else alpaca."""
+    run_args, adapter_config = {}, {}
+    if adapter_dir:
+        adapter_config = _check_adapter_dir(adapter_dir)
+        run_args = _read_run_args(adapter_dir)
+    base_model = base_model or run_args.get("base_model") or adapter_config.get("base_model_name_or_path") or ""
+    if not base_model:
+        where = f"and {adapter_dir}/{RUN_FILE} names none" if adapter_dir else "and no --lora_weights"
+        raise UsageError(f"no --base_model given {where}; pass --base_model PATH_OR_HUB_ID")
+    if prompt_template_name:
+        prompter = Prompter.load(prompt_template_name)
+    else:
+        saved = [d for d in (adapter_dir, base_model) if d and os.path.isfile(os.path.join(d, TEMPLATE_FILE))]
+        prompter = Prompter.load(saved[0] if saved else "alpaca")
+    return Checkpoint(base_model, adapter_dir or None, prompter, run_args)
+
+
+def load_for_inference(checkpoint: Checkpoint, load_8bit: bool = False, load_4bit: bool = False,
+                       trust_remote_code: bool = False):
+    """(model, tokenizer): the base model with the adapter applied, in eval mode (dropout off)."""
+    tokenizer = load_tokenizer(checkpoint.tokenizer_dir, trust_remote_code=trust_remote_code)
+    model = load_base_model(checkpoint.base_model, load_8bit, load_4bit, trust_remote_code=trust_remote_code)
+    if checkpoint.adapter_dir:
+        model = load_adapter(model, checkpoint.adapter_dir)
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,362 @@
+"""Scoring a model on benchmark sets, batched and resumable.
+
+Per set, a folder OUTPUT/DATASET holds:
+- `settings.json`: what made the predictions (model, adapter, template, decoding, data file hash); a
+  re-run with other settings is refused rather than mixed in;
+- `predictions.jsonl`: one line per example (index, prompt, response, prediction, label, correct),
+  appended and flushed as each batch ends, so an interrupted run resumes where it stopped; under
+  torchrun each rank appends to `predictions.rankN.jsonl`, merged into predictions.jsonl at the end;
+- `metrics.json`: written atomically once every example is scored.
+"""
+import csv
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import torch
+from tqdm import tqdm
+
+from peft_ext import answers
+from peft_ext.answers import Benchmark
+from peft_ext.errors import UsageError
+from peft_ext.files import write_json_atomic
+from peft_ext.generation import decoding_config, generate, pads_safely
+
+PREDICTIONS = "predictions.jsonl"
+SETTINGS = "settings.json"
+METRICS = "metrics.json"
+RESULTS = "results.csv"
+RESULT_FIELDS = [
+    "finished_at", "model", "adapter", "dataset", "accuracy", "correct", "n", "seconds", "examples_per_s",
+    "num_beams", "temperature", "max_new_tokens", "batch_size", "answer_rule", "prompt_template",
+    "base_model", "lora_weights", "world_size",
+]
+
+
+@dataclass
+class Task:
+    benchmark: Benchmark
+    path: str
+    examples: list[dict]
+
+
+# ---- which sets, from which files
+
+
+def dataset_items(spec) -> list[str]:
+    """`--dataset` as a list: fire gives a comma list as a tuple, or as one string."""
+    items = spec if isinstance(spec, list | tuple) else str(spec).split(",")
+    return [s for s in (str(i).strip() for i in items) if s]
+
+
+def resolve_tasks(spec, data_dir: str, max_examples: int = 0, skip_missing: bool = False) -> tuple[list[Task], list[Benchmark]]:
+    """The sets a `--dataset` names (names, suites, paths, comma lists) with their examples loaded and
+    checked, and the known sets whose files are absent (only with `skip_missing`)."""
+    items = dataset_items(spec)
+    if not items:
+        raise UsageError(f"--dataset is required: one of {', '.join(answers.known_names())}, a comma list, or a path")
+    wanted = []  # (benchmark or None for a file we do not know, path)
+    for item in items:
+        if "/" in item or os.sep in item or item.endswith(".json"):
+            wanted.append((None, os.path.join(item, "test.json") if os.path.isdir(item) else item))
+        else:
+            for name in answers.SUITES.get(item.lower(), [item]):
+                benchmark = answers.get(name)
+                wanted.append((benchmark, os.path.join(data_dir, benchmark.name, "test.json")))
+    tasks, missing, seen = [], [], set()
+    for benchmark, path in wanted:
+        if path in seen:
+            continue
+        seen.add(path)
+        if os.path.isfile(path):
+            tasks.append(load_task(path, benchmark, max_examples))
+        elif benchmark and skip_missing:
+            missing.append(benchmark)
+        else:
+            where = f"--data_dir {data_dir!r} has no {benchmark.name}/test.json" if benchmark else f"{path} does not exist"
+            raise UsageError(
+                f"{where}; data/README.md says how to fetch it"
+                + (", point --data_dir at the folder that holds it, or pass --skip_missing True" if benchmark else "")
+            )
+    return tasks, missing
+
+
+def load_task(path: str, benchmark: Benchmark | None, max_examples: int = 0) -> Task:
+    try:
+        with open(path) as f:
+            records = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path} is not valid JSON ({e}); it should be a list of records") from None
+    if not isinstance(records, list) or not records:
+        raise UsageError(f"{path} should hold a non-empty JSON list of {{instruction, input, answer}} records")
+    records = records[:max_examples] if max_examples > 0 else records
+    for i, record in enumerate(records):
+        if not isinstance(record, dict) or not isinstance(record.get("instruction"), str):
+            raise UsageError(f"{path}: record {i} has no 'instruction' text; each record needs instruction and answer")
+        if "answer" not in record:
+            raise UsageError(f"{path}: record {i} has no 'answer'; each record needs instruction and answer")
+    if benchmark is None:
+        folder, stem = os.path.basename(os.path.dirname(os.path.abspath(path))), os.path.splitext(os.path.basename(path))[0]
+        name = folder if stem == "test" else stem
+        benchmark = answers.find(name) or answers.infer(name, [r["answer"] for r in records])
+    for i, record in enumerate(records):
+        problem = benchmark.check_answer(record["answer"])
+        if problem:
+            raise UsageError(f"{path}: record {i}: {problem}, which a {benchmark.kind} set cannot score")
+    return Task(benchmark, path, records)
+
+
+# ---- files
+
+
+def read_json(path: str):
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_predictions(path: str) -> list[dict]:
+    """The complete lines of a predictions file; a last line cut short by a crash is left out."""
+    if not os.path.isfile(path):
+        return []
+    records = []
+    with open(path) as f:
+        lines = f.read().split("\n")
+    for number, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines) - 1:  # a bad line with more after it: not a crash, a damaged file
+                raise UsageError(f"{path} line {number + 1} is not JSON; delete the file or pass --overwrite") from None
+    return records
+
+
+def drop_partial_line(path: str) -> None:
+    """Cut a last line without its newline (a crash mid-write) so that appends start on a fresh line."""
+    if not os.path.isfile(path):
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+def file_sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+# ---- ranks under torchrun
+
+
+class Ranks:
+    """This process's place among torchrun's workers (rank 0 of 1 without torchrun)."""
+
+    def __init__(self):
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        if self.world > 1 and not torch.distributed.is_initialized():
+            if torch.cuda.is_available():
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def close(self) -> None:
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+# ---- one model over many sets
+
+
+def batches(order: list[int], lengths: list[int], size: int, equal_lengths: bool = False):
+    """Consecutive batches of at most `size` indices; with `equal_lengths`, a new batch also starts
+    wherever the prompt length changes, so that no prompt is padded."""
+    batch = []
+    for i in order:
+        if batch and (len(batch) == size or (equal_lengths and lengths[i] != lengths[batch[0]])):
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
+
+
+@dataclass
+class Evaluation:
+    """One model's run: where its records go, how it decodes, how answers are read."""
+
+    run_dir: str
+    identity: dict  # what decides the outputs besides decoding: model, adapter, template, precision
+    num_beams: int = 1
+    temperature: float = 0.0
+    max_new_tokens: int = 0  # 0: each set's default
+    answer_rule: str = "strict"
+    batch_size: int = 16
+    seed: int = 42
+
+    def task_dir(self, task: Task) -> str:
+        return os.path.join(self.run_dir, task.benchmark.name)
+
+    def settings(self, task: Task) -> dict:
+        sampling = self.temperature > 0
+        return {
+            **self.identity,
+            "dataset": task.benchmark.name,
+            "data_sha256": file_sha256(task.path),
+            "num_beams": self.num_beams,
+            "temperature": self.temperature,
+            "seed": self.seed if sampling else None,
+            "max_new_tokens": self.max_new_tokens or task.benchmark.max_new_tokens,
+            "answer_rule": self.answer_rule if task.benchmark.kind == "letter" else None,
+        }
+
+    def check_settings(self, task: Task) -> None:
+        saved = read_json(os.path.join(self.task_dir(task), SETTINGS))
+        if saved is None:
+            return
+        current = json.loads(json.dumps(self.settings(task)))
+        changed = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
+        if changed:
+            raise UsageError(
+                f"{self.task_dir(task)} holds predictions made with other settings ({', '.join(changed)} differ); "
+                "pass --overwrite True to discard them, or choose another --output_dir"
+            )
+
+    def finished(self, task: Task) -> dict | None:
+        """The saved metrics if this set is done with these settings and these examples."""
+        self.check_settings(task)
+        metrics = read_json(os.path.join(self.task_dir(task), METRICS))
+        return metrics if metrics and metrics.get("n") == len(task.examples) else None
+
+    def discard(self, task: Task) -> None:
+        shutil.rmtree(self.task_dir(task), ignore_errors=True)
+
+    def run(self, task: Task, model, tokenizer, prompter, ranks: Ranks) -> dict | None:
+        """Generate and score what is not done yet; rank 0 returns the metrics, other ranks None."""
+        folder, benchmark = self.task_dir(task), task.benchmark
+        settings = self.settings(task)
+        if ranks.main:
+            os.makedirs(folder, exist_ok=True)
+            write_json_atomic(os.path.join(folder, SETTINGS), settings)
+        ranks.barrier()
+        done = {r["index"] for r in self._all_predictions(folder)}
+        ranks.barrier()  # every rank has read the files before any rank appends to them
+        prompts = [prompter.prompt(r["instruction"], r.get("input")) for r in task.examples]
+        lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+        # Longest first: batches of like lengths waste little padding, and memory runs out at once if at all.
+        pending = sorted((i for i in range(len(prompts)) if i not in done), key=lambda i: -lengths[i])
+        mine = pending[ranks.rank :: ranks.world]
+        stop = tuple(prompter.template.get("stop", [])) + (prompter.template["response_split"],)
+        config = decoding_config(model, tokenizer, settings["max_new_tokens"], self.num_beams, self.temperature, stop)
+        torch.manual_seed(self.seed + ranks.rank)
+        log = os.path.join(folder, PREDICTIONS if ranks.world == 1 else f"predictions.rank{ranks.rank}.jsonl")
+        drop_partial_line(log)
+
+        start, correct, scored = time.perf_counter(), 0, 0
+        bar = tqdm(total=len(mine), desc=benchmark.name, disable=not ranks.main, dynamic_ncols=True)
+        with open(log, "a") as out:
+            for batch in batches(mine, lengths, self.batch_size, equal_lengths=not pads_safely(model)):
+                responses = generate(model, tokenizer, [prompts[i] for i in batch], config)
+                for i, response in zip(batch, responses):
+                    label = str(task.examples[i]["answer"]).strip()
+                    prediction = benchmark.extract(response, self.answer_rule)
+                    hit = benchmark.is_correct(prediction, label)
+                    record = dict(index=i, prompt=prompts[i], response=response, prediction=prediction, label=label, correct=hit)
+                    out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    correct, scored = correct + hit, scored + 1
+                out.flush()
+                os.fsync(out.fileno())
+                bar.update(len(batch))
+                bar.set_postfix(acc=f"{correct / scored:.1%}")
+        bar.close()
+        ranks.barrier()
+        if not ranks.main:
+            return None
+        return self._finish(task, len(pending), len(done), time.perf_counter() - start, ranks.world)
+
+    def _all_predictions(self, folder: str) -> list[dict]:
+        files = [PREDICTIONS] + sorted(f for f in os.listdir(folder) if f.startswith("predictions.rank"))
+        return [r for name in files for r in read_predictions(os.path.join(folder, name))]
+
+    def _finish(self, task: Task, generated: int, resumed: int, seconds: float, world: int) -> dict:
+        """Merge the rank files into one predictions.jsonl in data order; write metrics.json."""
+        folder, benchmark = self.task_dir(task), task.benchmark
+        by_index = {r["index"]: r for r in self._all_predictions(folder)}
+        merged = [by_index[i] for i in sorted(by_index)]
+        tmp = os.path.join(folder, PREDICTIONS + ".tmp")
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in merged)
+        os.replace(tmp, os.path.join(folder, PREDICTIONS))
+        for name in os.listdir(folder):
+            if name.startswith("predictions.rank"):
+                os.remove(os.path.join(folder, name))
+
+        scored = [by_index[i] for i in range(len(task.examples))]
+        n, correct = len(scored), sum(r["correct"] for r in scored)
+        metrics = {
+            "dataset": benchmark.name,
+            "file": os.path.abspath(task.path),
+            "kind": benchmark.kind,
+            "accuracy": correct / n,
+            "correct": correct,
+            "n": n,
+            "no_answer": sum(r["prediction"] is None for r in scored),
+            "seconds": round(seconds, 2),
+            "examples_per_s": round(generated / seconds, 3) if generated else None,
+            "generated": generated,
+            "resumed": resumed,
+            "batch_size": self.batch_size,
+            "world_size": world,
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "settings": self.settings(task),
+        }
+        if benchmark.kind == "letter":  # the extraction audit: what each rule makes of the same responses
+            metrics["accuracy_by_rule"] = {
+                rule: sum(benchmark.is_correct(benchmark.extract(r["response"], rule), r["label"]) for r in scored) / n
+                for rule in answers.ANSWER_RULES
+            }
+        write_json_atomic(os.path.join(folder, METRICS), metrics)
+        return metrics
+
+
+# ---- results tables
+
+
+def append_result(output_dir: str, row: dict) -> str:
+    """Add one finished set to OUTPUT/results.csv (created with its header); returns the path."""
+    path = os.path.join(output_dir, RESULTS)
+    new = not os.path.isfile(path)
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=RESULT_FIELDS, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+    return path
+
+
+def paper_table(model: str, adapter: str, suite: str, accuracy: dict[str, float]) -> str:
+    """The paper's Markdown table for one suite: a column per set (percent) plus the average.
+    A set with no result shows as a dash and the average says over how many sets it runs."""
+    benchmarks = [answers.get(name) for name in answers.SUITES[suite]]
+    cells = [f"{100 * accuracy[b.name]:.1f}" if b.name in accuracy else "–" for b in benchmarks]
+    scores = [accuracy[b.name] for b in benchmarks if b.name in accuracy]
+    average = f"{100 * sum(scores) / len(scores):.1f}" if scores else "–"
+    average_header = "Avg" if len(scores) == len(benchmarks) else f"Avg ({len(scores)} of {len(benchmarks)})"
+    header = ["Model", "Adapter", *(b.column for b in benchmarks), average_header]
+    lines = [header, ["---"] * len(header), [model, adapter, *cells, average]]
+    return "\n".join("| " + " | ".join(line) + " |" for line in lines) + "\n"

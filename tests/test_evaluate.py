@@ -1,0 +1,301 @@
+"""evaluate.py end to end on tiny random models and a few real examples of ../shared/data/eval."""
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import ROOT
+from peft_ext import answers, evaluation
+from peft_ext.prompts import Prompter
+
+spec = importlib.util.spec_from_file_location("evaluate_script", os.path.join(ROOT, "evaluate.py"))
+evaluate = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(evaluate)
+
+FAST = dict(max_new_tokens=12, batch_size=4)  # short answers keep a run at a second or two
+
+
+def make_checkpoint(base: str, path: str) -> str:
+    """A finetune.py-style checkpoint directory made with peft directly: a LoRA with non-zero weights."""
+    model = AutoModelForCausalLM.from_pretrained(base)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM")
+    get_peft_model(model, config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(base).save_pretrained(path)
+    Prompter.load("alpaca").save(path)
+    with open(os.path.join(path, "run.json"), "w") as f:
+        json.dump({"args": {"base_model": base, "adapter_name": "lora"}}, f)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_model_dir, tmp_path_factory):
+    return make_checkpoint(tiny_model_dir("llama"), str(tmp_path_factory.mktemp("ckpt") / "llama-lora"))
+
+
+@pytest.fixture
+def data_dir(shared_data):
+    return os.path.join(shared_data, "eval")
+
+
+def run(tmp_path, **flags) -> str:
+    """evaluate.main in this process; returns the run's folder."""
+    flags = {**FAST, "output_dir": str(tmp_path / "out"), **flags}
+    evaluate.main(**flags)
+    return flags["output_dir"]
+
+
+def predictions(folder: str) -> list[dict]:
+    with open(os.path.join(folder, "predictions.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def metrics(folder: str) -> dict:
+    with open(os.path.join(folder, "metrics.json")) as f:
+        return json.load(f)
+
+
+def test_end_to_end_svamp_and_boolq(tmp_path, checkpoint, data_dir):
+    out = run(tmp_path, lora_weights=checkpoint, dataset="SVAMP,boolq", data_dir=data_dir, max_examples=5)
+    for name, kind, budget in [("SVAMP", "number", 12), ("boolq", "label", 12)]:
+        folder = os.path.join(out, "llama-llama-lora", name)
+        rows, m = predictions(folder), metrics(folder)
+        assert [r["index"] for r in rows] == list(range(5))
+        assert set(rows[0]) == {"index", "prompt", "response", "prediction", "label", "correct"}
+        assert rows[0]["prompt"].startswith("Below is an instruction") and rows[0]["prompt"].endswith("### Response:\n")
+        assert m["n"] == 5 and m["kind"] == kind and m["correct"] == sum(r["correct"] for r in rows)
+        assert m["settings"]["max_new_tokens"] == budget and m["settings"]["num_beams"] == 1
+    with open(os.path.join(out, "results.csv")) as f:
+        lines = f.read().splitlines()
+    assert lines[0].startswith("finished_at,model,adapter,dataset,accuracy") and len(lines) == 3
+    assert ",llama,llama-lora,SVAMP," in lines[1] and ",llama,llama-lora,boolq," in lines[2]
+
+
+def test_dataset_defaults_decide_the_budget(tmp_path, checkpoint, data_dir):
+    out = run(tmp_path, lora_weights=checkpoint, dataset="boolq", data_dir=data_dir, max_examples=1, max_new_tokens=0)
+    assert metrics(os.path.join(out, "llama-llama-lora", "boolq"))["settings"]["max_new_tokens"] == 32
+
+
+def test_batched_equals_one_at_a_time(tmp_path, checkpoint, data_dir):
+    flags = dict(lora_weights=checkpoint, dataset="SVAMP", data_dir=data_dir, max_examples=6, max_new_tokens=24)
+    one = run(tmp_path / "one", batch_size=1, **flags)
+    batched = run(tmp_path / "batched", batch_size=6, **flags)
+    folder = os.path.join("llama-llama-lora", "SVAMP")
+    responses = [r["response"] for r in predictions(os.path.join(one, folder))]
+    assert responses == [r["response"] for r in predictions(os.path.join(batched, folder))]
+    assert len(set(responses)) > 1  # the prompts really differ in what they produce
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bloom"])
+def test_batched_equals_one_at_a_time_other_families(tmp_path, tiny_model_dir, data_dir, family):
+    """Families with absolute positions (GPT-2) or ALiBi (BLOOM) need the padding handled differently."""
+    flags = dict(base_model=tiny_model_dir(family), dataset="AddSub", data_dir=data_dir, max_examples=4, num_beams=2)
+    one, batched = run(tmp_path / "one", batch_size=1, **flags), run(tmp_path / "batched", batch_size=4, **flags)
+    folder = os.path.join(f"{family}-base", "AddSub")
+    assert predictions(os.path.join(one, folder)) == predictions(os.path.join(batched, folder))
+
+
+@pytest.mark.parametrize("config", [
+    PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"),  # virtual tokens: batched by equal length
+    PrefixTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"),
+], ids=["prompt_tuning", "prefix_tuning"])
+def test_batched_equals_one_at_a_time_prompt_methods(tmp_path, tiny_model_dir, data_dir, config):
+    base = tiny_model_dir("llama")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), config)
+    with torch.no_grad():  # trained-looking virtual tokens, so that a mistake shows in the outputs
+        for parameter in (p for p in model.parameters() if p.requires_grad):
+            parameter.normal_(0, 0.5)
+    model.save_pretrained(tmp_path / "ckpt")
+    flags = dict(base_model=base, lora_weights=str(tmp_path / "ckpt"), dataset="SVAMP", data_dir=data_dir, max_examples=5)
+    one, batched = run(tmp_path / "one", batch_size=1, **flags), run(tmp_path / "batched", batch_size=5, **flags)
+    folder = os.path.join("llama-ckpt", "SVAMP")
+    assert predictions(os.path.join(one, folder)) == predictions(os.path.join(batched, folder))
+
+
+def test_base_model_alone_and_merged_model(tmp_path, checkpoint, tiny_model_dir, data_dir):
+    base = tiny_model_dir("llama")
+    out = run(tmp_path, base_model=base, dataset="AddSub", data_dir=data_dir, max_examples=3)
+    assert metrics(os.path.join(out, "llama-base", "AddSub"))["settings"]["lora_weights"] is None
+
+    from peft import PeftModel
+
+    merged_dir = str(tmp_path / "merged")
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), checkpoint).merge_and_unload().save_pretrained(merged_dir)
+    AutoTokenizer.from_pretrained(checkpoint).save_pretrained(merged_dir)
+    merged = run(tmp_path, base_model=merged_dir, dataset="AddSub", data_dir=data_dir, max_examples=3)
+    adapter = run(tmp_path, lora_weights=checkpoint, dataset="AddSub", data_dir=data_dir, max_examples=3)
+    responses = lambda out, label: [r["response"] for r in predictions(os.path.join(out, label, "AddSub"))]  # noqa: E731
+    assert responses(merged, "merged-base") == responses(adapter, "llama-llama-lora")
+
+
+def test_resume_after_interruption_redoes_nothing(tmp_path, checkpoint, data_dir, monkeypatch):
+    flags = dict(lora_weights=checkpoint, dataset="SVAMP", data_dir=data_dir, max_examples=8, batch_size=2)
+    reference = run(tmp_path / "uninterrupted", **flags)
+
+    real_generate, calls = evaluation.generate, []
+
+    def generate_then_crash(model, tokenizer, prompts, config):
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the third batch never finishes
+        calls.append(prompts)
+        return real_generate(model, tokenizer, prompts, config)
+
+    monkeypatch.setattr("peft_ext.evaluation.generate", generate_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "interrupted", **flags)
+    folder = os.path.join(tmp_path / "interrupted" / "out", "llama-llama-lora", "SVAMP")
+    assert len(predictions(folder)) == 4 and not os.path.exists(os.path.join(folder, "metrics.json"))
+    with open(os.path.join(folder, "predictions.jsonl"), "a") as f:
+        f.write('{"index": 7, "prompt": "Below is')  # a line cut short by the crash
+
+    seen = []
+    monkeypatch.setattr("peft_ext.evaluation.generate", lambda m, t, p, c: seen.extend(p) or real_generate(m, t, p, c))
+    run(tmp_path / "interrupted", **flags)
+    done_first = {prompt for batch in calls for prompt in batch}
+    assert len(seen) == 4 and not done_first & set(seen)  # only the four missing examples were generated
+    resumed = predictions(folder)
+    assert [r["index"] for r in resumed] == list(range(8))
+    assert resumed == predictions(os.path.join(reference, "llama-llama-lora", "SVAMP"))
+    m, ref = metrics(folder), metrics(os.path.join(reference, "llama-llama-lora", "SVAMP"))
+    assert (m["resumed"], m["generated"]) == (4, 4)
+    assert (m["accuracy"], m["correct"], m["n"]) == (ref["accuracy"], ref["correct"], ref["n"])
+
+
+def test_finished_run_loads_no_model(tmp_path, checkpoint, data_dir, monkeypatch, capsys):
+    flags = dict(lora_weights=checkpoint, dataset="SVAMP", data_dir=data_dir, max_examples=2)
+    run(tmp_path, **flags)
+    monkeypatch.setattr(evaluate, "load_for_inference", lambda *a, **k: pytest.fail("a finished run loaded the model"))
+    run(tmp_path, **flags)
+    assert "SVAMP: " in capsys.readouterr().out
+
+
+def test_suite_table_with_a_missing_set(tmp_path, checkpoint, data_dir, capsys):
+    out = run(tmp_path, lora_weights=checkpoint, dataset="commonsense", data_dir=data_dir, max_examples=1,
+              max_new_tokens=4, skip_missing=True, model="LLaMA-7B", adapter="LoRA")
+    table = open(os.path.join(out, "LLaMA-7B-LoRA", "commonsense.md")).read()
+    header, _, row = table.splitlines()
+    assert header == "| Model | Adapter | BoolQ | PIQA | SIQA | HellaSwag | WinoGrande | ARC-e | ARC-c | OBQA | Avg (7 of 8) |"
+    assert row.startswith("| LLaMA-7B | LoRA |") and row.split(" | ")[5] == "–"
+    printed = capsys.readouterr().out
+    assert table in printed and "hellaswag: skipped" in printed
+
+
+def test_aqua_records_both_rules(tmp_path, checkpoint, data_dir):
+    out = run(tmp_path, lora_weights=checkpoint, dataset="aqua", data_dir=data_dir, max_examples=2, answer_rule="paper")
+    m = metrics(os.path.join(out, "llama-llama-lora", "AQuA"))
+    assert m["settings"]["answer_rule"] == "paper" and set(m["accuracy_by_rule"]) == {"strict", "paper"}
+    assert m["accuracy"] == m["accuracy_by_rule"]["paper"]
+
+
+def test_dataset_by_path_and_unknown_set_inferred(tmp_path, checkpoint, data_dir):
+    custom = tmp_path / "mine.json"
+    custom.write_text(json.dumps([{"instruction": "What is 2 + 2?", "input": "", "answer": "4"}]))
+    out = run(tmp_path, lora_weights=checkpoint, dataset=f"{data_dir}/gsm8k/test.json,{custom}", max_examples=1)
+    assert metrics(os.path.join(out, "llama-llama-lora", "gsm8k"))["kind"] == "number"
+    assert metrics(os.path.join(out, "llama-llama-lora", "mine"))["kind"] == "number"
+
+
+def cli(monkeypatch, capsys, *args) -> str:
+    """Run evaluate.py's command line in this process; returns stderr after checking the exit status."""
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", *args])
+    capsys.readouterr()  # what earlier runs printed
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.run_cli(evaluate.main)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ")
+    return err
+
+
+def test_bad_input_gives_one_line(tmp_path, checkpoint, tiny_model_dir, data_dir, monkeypatch, capsys):
+    out = ["--output_dir", str(tmp_path / "out"), "--data_dir", data_dir]
+    assert "does not exist" in cli(monkeypatch, capsys, "--lora_weights", str(tmp_path / "nope"), "--dataset", "SVAMP", *out)
+    (tmp_path / "empty").mkdir()
+    assert "not an adapter checkpoint" in cli(monkeypatch, capsys, "--lora_weights", str(tmp_path / "empty"), "--dataset", "SVAMP", *out)
+    assert "pass it as --base_model" in cli(monkeypatch, capsys, "--lora_weights", tiny_model_dir("llama"), "--dataset", "SVAMP", *out)
+    err = cli(monkeypatch, capsys, "--lora_weights", checkpoint, "--dataset", "svamp2", *out)
+    assert "unknown dataset 'svamp2'" in err and "AddSub" in err and "commonsense" in err
+    err = cli(monkeypatch, capsys, "--lora_weights", checkpoint, "--dataset", "SVAMP", "--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "o"))
+    assert "has no SVAMP/test.json" in err and "data/README.md" in err
+    err = cli(monkeypatch, capsys, "--lora_weights", checkpoint, "--dataset", "hellaswag", *out)
+    assert "has no hellaswag/test.json" in err
+    no_answer = tmp_path / "no_answer.json"
+    no_answer.write_text(json.dumps([{"instruction": "What is 2 + 2?", "input": "", "output": "4"}]))
+    assert "record 0 has no 'answer'" in cli(monkeypatch, capsys, "--lora_weights", checkpoint, "--dataset", str(no_answer), *out)
+    bad_number = tmp_path / "SVAMP" / "test.json"
+    bad_number.parent.mkdir()
+    bad_number.write_text(json.dumps([{"instruction": "How many?", "input": "", "answer": "many"}]))
+    assert "is not a number" in cli(monkeypatch, capsys, "--lora_weights", checkpoint, "--dataset", str(bad_number), *out)
+    assert "--base_model" in cli(monkeypatch, capsys, "--dataset", "SVAMP", *out)
+    assert "answer_rule" in cli(monkeypatch, capsys, "--lora_weights", checkpoint, "--dataset", "AQuA", "--answer_rule", "first", *out)
+
+
+def test_other_settings_are_not_mixed_in(tmp_path, checkpoint, data_dir, monkeypatch, capsys):
+    flags = dict(lora_weights=checkpoint, dataset="SVAMP", data_dir=data_dir, max_examples=2)
+    out = run(tmp_path, **flags)
+    args = ["--lora_weights", checkpoint, "--dataset", "SVAMP", "--data_dir", data_dir, "--max_examples", "2",
+            "--output_dir", out, "--max_new_tokens", "12", "--num_beams", "2"]
+    err = cli(monkeypatch, capsys, *args)
+    assert "num_beams differ" in err and "--overwrite" in err
+    run(tmp_path, num_beams=2, overwrite=True, **flags)
+    assert metrics(os.path.join(out, "llama-llama-lora", "SVAMP"))["settings"]["num_beams"] == 2
+
+
+@pytest.mark.slow
+def test_killed_process_resumes(tmp_path, checkpoint, data_dir):
+    """A real kill -9 mid-run, then the same command again (a larger batch is allowed): every example once."""
+    out = str(tmp_path / "out")
+    command = [sys.executable, os.path.join(ROOT, "evaluate.py"), "--lora_weights", checkpoint, "--dataset", "SVAMP",
+               "--data_dir", data_dir, "--output_dir", out, "--max_examples", "16", "--max_new_tokens", "32"]
+    log = os.path.join(out, "llama-llama-lora", "SVAMP", "predictions.jsonl")
+    process = subprocess.Popen(command + ["--batch_size", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if os.path.isfile(log) and len(open(log).readlines()) >= 3:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    first = len(predictions(os.path.dirname(log)))
+    assert 3 <= first < 16, "the process was not stopped mid-run"
+    finished = subprocess.run(command + ["--batch_size", "8"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    rows = predictions(os.path.dirname(log))
+    assert sorted(r["index"] for r in rows) == list(range(16))
+    assert metrics(os.path.dirname(log))["resumed"] >= first
+
+
+@pytest.mark.slow
+def test_torchrun_shards_and_merges(tmp_path, checkpoint, data_dir):
+    out = str(tmp_path / "out")
+    flags = dict(lora_weights=checkpoint, dataset="SVAMP,boolq", data_dir=data_dir, max_examples=6, max_new_tokens=12, batch_size=2)
+    torchrun = shutil.which("torchrun") or pytest.skip("torchrun is not installed")
+    command = [torchrun, "--nproc_per_node", "2", os.path.join(ROOT, "evaluate.py"), "--output_dir", out]
+    command += [f"--{k}={v}" for k, v in flags.items()]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    single = run(tmp_path / "single", **flags)
+    for name in ("SVAMP", "boolq"):
+        folder = os.path.join(out, "llama-llama-lora", name)
+        assert sorted(os.listdir(folder)) == ["metrics.json", "predictions.jsonl", "settings.json"]
+        assert predictions(folder) == predictions(os.path.join(single, "llama-llama-lora", name))
+        assert metrics(folder)["world_size"] == 2
+
+
+def test_data_readme_lists_every_set_with_its_size(shared_data):
+    readme = open(os.path.join(ROOT, "data", "README.md")).read()
+    for benchmark in answers.BENCHMARKS:
+        row = next((line for line in readme.splitlines() if line.startswith(f"| `{benchmark.name}` |")), None)
+        assert row, f"data/README.md has no row for {benchmark.name}"
+        path = os.path.join(shared_data, "eval", benchmark.name, "test.json")
+        if os.path.isfile(path):
+            size = int(row.split(" | ")[2].replace(",", ""))
+            assert size == len(json.load(open(path))), benchmark.name
