@@ -47,8 +47,13 @@ def load_tokenizer(base_model: str, trust_remote_code: bool = False):
     return tokenizer
 
 
+def load_config(base_model: str, trust_remote_code: bool = False):
+    """The model's config alone (architecture, saved dtype), without loading weights."""
+    return _from_pretrained(AutoConfig, base_model, trust_remote_code=trust_remote_code)
+
+
 def model_type(base_model: str, trust_remote_code: bool = False) -> str:
-    return _from_pretrained(AutoConfig, base_model, trust_remote_code=trust_remote_code).model_type
+    return load_config(base_model, trust_remote_code).model_type
 
 
 def quantization_config(load_8bit: bool = False, load_4bit: bool = False) -> BitsAndBytesConfig | None:

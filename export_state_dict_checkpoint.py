@@ -1,0 +1,57 @@
+"""Merge a trained adapter into its LLaMA base model and save it in Meta's original layout.
+
+    python export_state_dict_checkpoint.py --lora_weights ./trained_models/llama-lora --output_dir ./ckpt
+
+The output folder holds consolidated.00.pth (Meta's parameter names, wq/wk in Meta's rotary order, the
+base model's dtype; read it with `torch.load(path, weights_only=True)`), params.json from the model's
+config, and the tokenizer. Only LLaMA bases without biases or rotary scaling fit that layout; other
+models, and adapters that cannot be merged, are refused with the reason. The folder appears only once
+complete.
+"""
+import json
+import os
+
+import torch
+
+import peft_ext  # noqa: F401  registers our adapter methods with peft
+from peft_ext import export
+from peft_ext.checkpoint import load_for_inference, resolve_checkpoint
+from peft_ext.errors import UsageError, run_cli
+from peft_ext.modeling import load_config
+
+
+def main(
+    base_model: str = "",  # default: $BASE_MODEL, else the checkpoint's run.json / adapter_config.json
+    lora_weights: str = "",  # the adapter checkpoint directory to merge
+    weights_path: str = "",  # the seed's other name for --lora_weights
+    output_dir: str = "./ckpt",
+    overwrite: bool = False,  # replace a non-empty --output_dir
+):
+    # parse: everything that can be refused is refused before the model loads
+    if lora_weights and weights_path and lora_weights != weights_path:
+        raise UsageError("--lora_weights and --weights_path name the same thing; give one")
+    adapter_dir = lora_weights or weights_path
+    if not adapter_dir:
+        raise UsageError("--lora_weights is required: the adapter checkpoint directory to merge")
+    checkpoint = resolve_checkpoint(base_model or os.environ.get("BASE_MODEL", ""), adapter_dir)
+    base_config = load_config(checkpoint.base_model)
+    export.check_mergeable(adapter_dir)
+    export.check_output_dir(output_dir, overwrite, checkpoint)
+    export.check_meta_llama(base_config)
+
+    # load, merge, rename
+    model, tokenizer = load_for_inference(checkpoint)
+    merged = export.merge(model, base_config.dtype)
+    state_dict = export.meta_state_dict(merged)
+
+    # save
+    with export.staged_output(output_dir) as staging:
+        torch.save(state_dict, os.path.join(staging, "consolidated.00.pth"))
+        with open(os.path.join(staging, "params.json"), "w") as f:
+            json.dump(export.meta_params(merged.config), f, indent=2)
+        tokenizer.save_pretrained(staging)
+    print(f"merged {adapter_dir} into {checkpoint.base_model}, in Meta's layout: {output_dir}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,97 @@
+"""Talk to a base model plus an adapter checkpoint: a Gradio page, or plain answers for scripts.
+
+    python generate.py --lora_weights ./trained_models/llama-lora                    # web page on 127.0.0.1:7860
+    python generate.py --lora_weights ./trained_models/llama-lora --prompt "What is 12*7?"
+    python generate.py --lora_weights ./trained_models/llama-lora --prompts_file questions.txt
+
+The checkpoint (finetune.py's output_dir) names its base model, prompt template and tokenizer, and carries
+its adapter's settings (SIBO's included); --base_model alone serves a plain or merged model. The page
+streams the response token by token and listens on 127.0.0.1 only, unless --server_name says otherwise;
+--share_gradio opens a public gradio.live link, --auth user:pass asks for a login. --prompt prints the
+answer; --prompts_file (one instruction per line) prints a JSON line {"instruction", "response"} per line.
+The decoding flags set the page's starting values and plain mode's decoding.
+"""
+import json
+
+from transformers import set_seed
+
+import peft_ext  # noqa: F401  registers our adapter methods with peft
+from peft_ext.checkpoint import load_for_inference, resolve_checkpoint
+from peft_ext.demo import build_app, decoding
+from peft_ext.errors import UsageError, run_cli
+from peft_ext.generation import generate
+
+
+def main(
+    base_model: str = "",  # default: the checkpoint's run.json / adapter_config.json
+    lora_weights: str = "",  # the checkpoint directory; none: the base model alone
+    weights_path: str = "",  # the seed's other name for --lora_weights
+    prompt_template_name: str = "",  # default: the checkpoint's prompt_template.json, else alpaca
+    load_8bit: bool = False,
+    load_4bit: bool = False,
+    prompt: str = "",  # plain mode: answer this instruction, print it, exit
+    prompts_file: str = "",  # plain mode: one instruction per line; prints JSON lines
+    batch_size: int = 8,  # plain mode: instructions per generate() call
+    temperature: float = 0.0,  # 0: greedy; above 0: sampling with top_p and top_k
+    top_p: float = 0.75,
+    top_k: int = 40,
+    num_beams: int = 1,  # above 1: beam search (the page then shows the answer when it is complete)
+    max_new_tokens: int = 128,
+    seed: int = 42,  # for sampling
+    server_name: str = "127.0.0.1",  # 0.0.0.0 to listen on every interface
+    server_port: int = 7860,
+    share_gradio: bool = False,  # a public gradio.live link: anyone with it can use the model
+    auth: str = "",  # "user:password" to ask for a login
+    trust_remote_code: bool = False,  # run model code from the hub (foreign code: off unless asked)
+):
+    # parse
+    if lora_weights and weights_path and lora_weights != weights_path:
+        raise UsageError("--lora_weights and --weights_path name the same thing; give one")
+    if prompt and prompts_file:
+        raise UsageError("--prompt and --prompts_file exclude each other; give one")
+    if temperature < 0 or num_beams < 1 or max_new_tokens < 1 or batch_size < 1:
+        raise UsageError("--temperature must be at least 0, --num_beams, --max_new_tokens and --batch_size at least 1")
+    login = None
+    if auth:
+        user, colon, password = str(auth).partition(":")
+        if not (user and colon and password):
+            raise UsageError("--auth takes user:password")
+        login = (user, password)
+    instructions = [str(prompt)] if prompt else _read_instructions(prompts_file) if prompts_file else []
+    checkpoint = resolve_checkpoint(base_model, lora_weights or weights_path, prompt_template_name)
+
+    # load
+    model, tokenizer = load_for_inference(checkpoint, load_8bit, load_4bit, trust_remote_code)
+    set_seed(seed)
+    knobs = dict(temperature=temperature, top_p=top_p, top_k=top_k, num_beams=num_beams, max_new_tokens=max_new_tokens)
+
+    # run: plain answers, or the page
+    if instructions:
+        stop = tuple(checkpoint.prompter.template.get("stop", ()))
+        config = decoding(model, tokenizer, stop, **knobs)
+        for start in range(0, len(instructions), batch_size):
+            chunk = instructions[start:start + batch_size]
+            responses = generate(model, tokenizer, [checkpoint.prompter.prompt(i) for i in chunk], config)
+            for instruction, response in zip(chunk, responses):
+                line = response if prompt else json.dumps({"instruction": instruction, "response": response})
+                print(line, flush=True)
+        return
+    if (server_name != "127.0.0.1" or share_gradio) and not login:
+        print("warning: no --auth, and other machines can reach the page: anyone who does can use the model")
+    app = build_app(model, tokenizer, checkpoint, knobs)
+    app.queue().launch(server_name=server_name, server_port=server_port, share=share_gradio, auth=login)
+
+
+def _read_instructions(path: str) -> list[str]:
+    try:
+        with open(path) as f:
+            instructions = [line.strip() for line in f if line.strip()]
+    except OSError as e:
+        raise UsageError(f"cannot read --prompts_file {path!r}: {e.strerror}") from None
+    if not instructions:
+        raise UsageError(f"--prompts_file {path!r} holds no instruction")
+    return instructions
+
+
+if __name__ == "__main__":
+    run_cli(main)

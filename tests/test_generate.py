@@ -1,0 +1,287 @@
+"""generate.py: plain answers, the streamed response, and the Gradio page driven in headless Chromium."""
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from checkpoints import make_checkpoint, save_wide_llama
+from conftest import ROOT
+from peft_ext.checkpoint import load_for_inference, resolve_checkpoint
+from peft_ext.demo import decoding, stream_response
+from peft_ext.errors import UsageError
+from peft_ext.generation import generate as generate_batch
+
+spec = importlib.util.spec_from_file_location("generate_script", os.path.join(ROOT, "generate.py"))
+generate = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(generate)
+
+QUESTION = "What is 12*7?"
+CHROMIUM = "/usr/bin/chromium"
+# Headless Chromium on a machine with no network: no sandbox (root), nothing that phones home.
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARTIFACTS = os.path.join(ROOT, "test-artifacts")
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_model_dir):
+    return tiny_model_dir("llama")
+
+
+@pytest.fixture(scope="module")
+def llama_lora(llama, tmp_path_factory):
+    return make_checkpoint(llama, str(tmp_path_factory.mktemp("ckpt") / "llama-lora"))
+
+
+@pytest.fixture(scope="module")
+def lora_model(llama_lora):
+    checkpoint = resolve_checkpoint(adapter_dir=llama_lora)
+    model, tokenizer = load_for_inference(checkpoint)
+    return model, tokenizer, checkpoint.prompter
+
+
+def greedy(model, tokenizer, max_new_tokens=24, num_beams=1):
+    return decoding(model, tokenizer, (), temperature=0, top_p=0.75, top_k=40, num_beams=num_beams,
+                    max_new_tokens=max_new_tokens)
+
+
+# plain mode
+
+@pytest.mark.parametrize("method, options", [
+    (None, {}), ("lora", {}), ("dora", {}), ("ia3", {}), ("bottleneck", {}), ("prefix-tuning", {}),
+    ("prompt-tuning", {}), ("lora", {"embedding_lambda": 0.3, "target_modules": ["q_proj", "up_proj"]}),
+])
+def test_prompt_prints_one_answer_with_any_adapter(llama, tmp_path, capsys, method, options):
+    flags = dict(base_model=llama)
+    if method:
+        flags = dict(weights_path=make_checkpoint(llama, str(tmp_path / "ckpt"), method, **options))
+    generate.main(prompt=QUESTION, max_new_tokens=8, **flags)
+    assert capsys.readouterr().out.strip()
+
+
+def test_prompts_file_prints_a_json_line_per_instruction(llama_lora, lora_model, tmp_path, capsys):
+    questions = [QUESTION, "Tell me about alpacas.", "Which answer is correct? (A) 1 (B) 2"]
+    (tmp_path / "questions.txt").write_text("\n".join(questions[:2]) + "\n\n" + questions[2] + "\n")
+    generate.main(lora_weights=llama_lora, prompts_file=str(tmp_path / "questions.txt"), batch_size=2,
+                  max_new_tokens=10)
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [row["instruction"] for row in rows] == questions
+    model, tokenizer, prompter = lora_model
+    alone = [generate_batch(model, tokenizer, [prompter.prompt(q)], greedy(model, tokenizer, 10))[0] for q in questions]
+    assert [row["response"] for row in rows] == alone  # batching changes no answer
+
+
+def test_bad_input_gives_one_clear_error(llama, llama_lora, tmp_path):
+    (tmp_path / "empty").mkdir()
+    wide = save_wide_llama(llama, str(tmp_path / "wide"))
+    cases = [
+        (dict(lora_weights=str(tmp_path / "missing"), prompt=QUESTION), "does not exist"),
+        (dict(lora_weights=str(tmp_path / "empty"), prompt=QUESTION), "holds no adapter_config.json"),
+        (dict(lora_weights=llama_lora, base_model=wide, prompt=QUESTION), "does not fit this base model"),
+        (dict(lora_weights=llama_lora, prompt=QUESTION, prompts_file="q.txt"), "exclude each other"),
+        (dict(lora_weights=llama_lora, prompts_file=str(tmp_path / "none.txt")), "cannot read --prompts_file"),
+        (dict(lora_weights=llama_lora, auth="nocolon"), "--auth takes user:password"),
+        (dict(lora_weights=llama_lora, weights_path=llama, prompt=QUESTION), "name the same thing"),
+    ]
+    for flags, message in cases:
+        with pytest.raises(UsageError, match=message):
+            generate.main(**flags)
+
+
+def test_page_is_local_only_unless_asked(llama_lora, monkeypatch):
+    launched = []
+    monkeypatch.setattr("gradio.Blocks.launch", lambda self, **kwargs: launched.append(kwargs))
+    generate.main(lora_weights=llama_lora)
+    generate.main(lora_weights=llama_lora, server_name="0.0.0.0", server_port=9000, share_gradio=True,
+                  auth="ann:secret")
+    assert [(k["server_name"], k["server_port"], k["share"], k["auth"]) for k in launched] == [
+        ("127.0.0.1", 7860, False, None), ("0.0.0.0", 9000, True, ("ann", "secret")),
+    ]
+
+
+# the streamed response
+
+def test_knobs_shape_sampling_only(lora_model):
+    model, tokenizer, _ = lora_model
+    greedy_config = decoding(model, tokenizer, ("###",), 0.0, 0.5, 10, 1, 16)
+    sampling = decoding(model, tokenizer, ("###",), 0.7, 0.5, 10, 1, 16)
+    assert not greedy_config.do_sample and greedy_config.stop_strings == ["###"]
+    assert (sampling.do_sample, sampling.temperature, sampling.top_p, sampling.top_k) == (True, 0.7, 0.5, 10)
+
+
+def test_stream_grows_to_the_plain_answer(lora_model):
+    model, tokenizer, prompter = lora_model
+    config = greedy(model, tokenizer)
+    steps = list(stream_response(model, tokenizer, prompter.prompt(QUESTION), config))
+    assert len(steps) > 5 and steps[-1]
+    assert all(later.startswith(earlier) for earlier, later in zip(steps, steps[1:]) if earlier)
+    assert steps[-1] == generate_batch(model, tokenizer, [prompter.prompt(QUESTION)], config)[0]
+
+
+def test_beam_search_answer_comes_whole(lora_model):
+    model, tokenizer, prompter = lora_model
+    config = greedy(model, tokenizer, max_new_tokens=12, num_beams=2)
+    steps = list(stream_response(model, tokenizer, prompter.prompt(QUESTION), config))
+    assert set(steps[:-1]) <= {""}
+    assert steps[-1] == generate_batch(model, tokenizer, [prompter.prompt(QUESTION)], config)[0]
+
+
+def test_closing_the_stream_stops_generation(lora_model):
+    """What Gradio does on Stop: the generation thread must end too, not run on to max_new_tokens."""
+    model, tokenizer, prompter = lora_model
+    steps = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda *args: steps.append(1))
+    try:
+        stream = stream_response(model, tokenizer, prompter.prompt(QUESTION), greedy(model, tokenizer, 2000))
+        for _ in range(3):
+            next(stream)
+        stream.close()  # returns once the generation thread has ended
+        after_close = len(steps)
+        time.sleep(0.5)
+    finally:
+        hook.remove()
+    assert after_close < 100 and len(steps) == after_close
+
+
+# the page, as a person uses it
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def endless_lora(llama, tmp_path_factory):
+    """A LoRA checkpoint on a tiny LLaMA that never ends an answer by itself (its EOS logit is always 0, below
+    the best of the others), so that Stop has a long generation to stop."""
+    base = str(tmp_path_factory.mktemp("endless") / "llama")
+    model = AutoModelForCausalLM.from_pretrained(llama)
+    with torch.no_grad():
+        model.lm_head.weight[model.config.eos_token_id] = 0
+    model.save_pretrained(base)
+    AutoTokenizer.from_pretrained(llama).save_pretrained(base)
+    return make_checkpoint(base, str(tmp_path_factory.mktemp("ckpt") / "llama-lora"))
+
+
+@pytest.fixture(scope="module")
+def server(endless_lora, tmp_path_factory):
+    """generate.py serving the tiny LLaMA + LoRA on a free local port; yields its URL."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "generate.py", "--lora_weights", endless_lora, "--server_port", str(port)],
+            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+        )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.time() + 240
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=5)
+                break
+            except OSError:
+                if process.poll() is not None or time.time() > deadline:
+                    pytest.fail(f"generate.py did not serve {url}:\n{log.read_text()[-3000:]}")
+                time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture
+def page(server):
+    """A headless Chromium page on the app (Playwright driving Debian's /usr/bin/chromium)."""
+    if not shutil.which(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} is absent: apt-get install chromium")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (no browser download needed)")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.outside_requests = []
+        page.on("request", lambda r: r.url.startswith((server, "data:")) or page.outside_requests.append(r.url))
+        page.goto(server)
+        page.wait_for_selector("#instruction textarea", timeout=60_000)  # Gradio renders in the browser
+        yield page
+        browser.close()
+
+
+# Records every value the response box shows, as the browser paints it.
+WATCH_RESPONSE = """() => {
+    window.responseValues = [];
+    const box = document.querySelector('#response textarea');
+    const watch = () => {
+        const values = window.responseValues;
+        if (values[values.length - 1] !== box.value) values.push(box.value);
+        requestAnimationFrame(watch);
+    };
+    watch();
+}"""
+
+
+def settled_response(page, timeout_s: float = 60) -> str:
+    """The response box's text once it is non-empty and has not changed for a second."""
+    box, last, deadline = page.locator("#response textarea"), None, time.time() + timeout_s
+    while time.time() < deadline:
+        value = box.input_value()
+        if value and value == last:
+            return value
+        last = value
+        page.wait_for_timeout(1000)
+    raise AssertionError(f"the response did not settle within {timeout_s} s; last seen: {last!r}")
+
+
+def test_page_streams_an_answer_and_stops(page):
+    assert "llama-lora" in page.locator("body").inner_text()  # says which checkpoint answers
+    page.locator("#instruction textarea").fill(QUESTION)
+    page.evaluate(WATCH_RESPONSE)
+    page.locator("#generate").click()
+    answer = settled_response(page)
+    seen = [v for v in page.evaluate("window.responseValues") if v]
+    assert answer.strip() and len(seen) > 1 and seen[-1] == answer  # it grew on screen, token by token
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    page.screenshot(path=os.path.join(ARTIFACTS, "generate.png"), full_page=True)
+
+    # 2000 tokens, stopped once past the 128 of the first answer (greedy: the same answer, continued)
+    max_new_tokens = page.locator("#max_new_tokens input[type=number]")
+    max_new_tokens.fill("2000")
+    max_new_tokens.blur()
+    page.locator("#generate").click()
+    page.wait_for_function("n => document.querySelector('#response textarea').value.length > n",
+                           arg=len(answer) + 20, timeout=60_000)
+    page.locator("#stop").click()
+    stopped = settled_response(page)
+    assert stopped.startswith(answer) and len(stopped) < 8 * len(answer)  # well short of 2000 tokens
+
+    # and the page answers again
+    max_new_tokens.fill("8")
+    max_new_tokens.blur()
+    page.locator("#generate").click()
+    page.wait_for_function("v => document.querySelector('#response textarea').value !== v", arg=stopped)
+    assert answer.startswith(settled_response(page))
+    assert page.outside_requests == []  # the page fetched nothing from outside this machine
+
+
+def test_gradio_client_gets_the_streamed_answer(server):
+    client_module = pytest.importorskip("gradio_client")
+    client = client_module.Client(server, verbose=False)
+    job = client.submit(QUESTION, "", 0.0, 0.75, 40, 1, 24, api_name="/generate")
+    answer = job.result(timeout=120)
+    assert answer.strip()
+    streamed = [out for out in job.outputs() if out]
+    assert len(streamed) > 1 and streamed[-1] == answer
+    assert client.predict(QUESTION, "", 0.0, 0.75, 40, 2, 24, api_name="/generate").strip()  # beam search
+    with pytest.raises(Exception, match="Type an instruction first"):
+        client.predict(" ", "", 0.0, 0.75, 40, 1, 24, api_name="/generate")
