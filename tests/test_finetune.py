@@ -22,7 +22,7 @@ MEMORIZE = [
     {"instruction": "Which is correct?", "input": "(A) 1 (B) 2", "output": "The answer is (B)."},
 ]
 # Learning rates that move each method clearly within a few dozen steps on a tiny random model.
-LEARNING_RATE = {"lora": 2e-2, "dora": 2e-2, "ia3": 1e-1, "prefix-tuning": 1e-1, "p-tuning": 3e-2, "prompt-tuning": 1e-1}
+LEARNING_RATE = {"lora": 2e-2, "dora": 2e-2, "ia3": 1e-1, "prefix-tuning": 1e-1, "p-tuning": 3e-2, "prompt-tuning": 3e-1}
 
 
 @pytest.fixture(scope="module")
@@ -83,15 +83,19 @@ def test_every_method_learns_saves_and_reloads_on_every_family(family, method, t
     trained = logits_of(captured["model"], tokenizer)
     reloaded = logits_of(reload(base, str(out)), tokenizer)
     torch.testing.assert_close(reloaded, trained, rtol=0, atol=1e-5)
-    # Every periodic checkpoint holds a real, non-empty adapter (alpaca-lora's 443-byte bug).
+    # Every periodic checkpoint holds a real adapter (alpaca-lora's 443-byte bug); the last is the final one.
+    final = load_file(out / "adapter_model.safetensors")
     for step in (10, 20, 30):
         tensors = load_file(out / f"checkpoint-{step}" / "adapter_model.safetensors")
-        assert tensors and sum(t.numel() for t in tensors.values()) == record["trainable_params"]
+        assert {k: v.shape for k, v in tensors.items()} == {k: v.shape for k, v in final.items()}
+        assert all(v.abs().sum() > 0 for v in tensors.values())
+    assert all(torch.equal(tensors[k], final[k]) for k in final)
 
 
 def test_output_directory_contract(tiny_model_dir, data_file, tmp_path):
     out = tmp_path / "out"
-    finetune.train(**quick_args(tiny_model_dir("llama"), data_file, out, val_set_size=1, eval_step=10, prompt_template_name="vicuna"))
+    finetune.train(**quick_args(tiny_model_dir("llama"), data_file, out, val_set_size=1, eval_step=10, prompt_template_name="vicuna",
+                                report_to="tensorboard"))
     names = set(os.listdir(out))
     assert {"adapter_config.json", "adapter_model.safetensors", "run.json", "prompt_template.json", "tokenizer_config.json"} <= names
     assert not any(n.startswith(".") for n in names)  # no staging leftovers
@@ -102,11 +106,14 @@ def test_output_directory_contract(tiny_model_dir, data_file, tmp_path):
     assert record["tokens_seen"] > 0 and record["peak_memory_bytes"] > 0 and record["wall_seconds"] > 0
     assert record["final_val_loss"] is not None and record["train_examples"] == 3
     assert record["tokens_per_second"] > 0
+    assert list(out.glob("runs/*/events.out.tfevents.*"))  # the tensorboard log
 
 
-def test_resume_from_checkpoint_matches_uninterrupted_run(tiny_model_dir, data_file, tmp_path):
+@pytest.mark.parametrize("method", ["lora", "prefix-tuning", "bottleneck"])
+def test_resume_from_checkpoint_matches_uninterrupted_run(method, tiny_model_dir, data_file, tmp_path):
     base = tiny_model_dir("llama")
-    args = dict(max_steps=20, save_step=10, lora_dropout=0.1)  # dropout: the RNG state must resume too
+    # Dropout makes the RNG state part of what must resume.
+    args = dict(max_steps=20, save_step=10, adapter_name=method, lora_dropout=0.1, adapter_dropout=0.1)
     finetune.train(**quick_args(base, data_file, tmp_path / "straight", **args))
 
     class Crash(TrainerCallback):

@@ -3,7 +3,7 @@ import os
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 FAMILIES = ["llama", "bloom", "gptj", "opt", "gpt2", "gpt_neo", "gpt_neox", "qwen2", "mistral"]
 
@@ -54,9 +54,10 @@ def config_for(family: str, vocab_size: int):
 def save_tiny_model(family: str, path: str, seed: int = 0) -> str:
     """Write a random tiny `family` model and the tokenizer to `path`; returns the path."""
     os.makedirs(path, exist_ok=True)
-    tokenizer = make_tokenizer()
+    make_tokenizer().save_pretrained(path)
+    config_for(family, 512).save_pretrained(path)  # vocab size fixed below
+    # Some families load the tokenizer as their own class, which may add tokens (Qwen2 adds a pad).
+    vocab_size = len(AutoTokenizer.from_pretrained(path))
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config_for(family, len(tokenizer)))
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    AutoModelForCausalLM.from_config(config_for(family, vocab_size)).save_pretrained(path)
     return path
