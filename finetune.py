@@ -152,7 +152,7 @@ def train(
         num_epochs=num_epochs, max_steps=max_steps, learning_rate=learning_rate,
         warmup_steps=warmup_steps, eval_step=eval_step, save_step=save_step,
         save_total_limit=save_total_limit, group_by_length=group_by_length,
-        checkpointing=use_gradient_checkpointing, seed=seed, report=report,
+        checkpointing=use_gradient_checkpointing, seed=seed, report=report, resume_dir=resume.checkpoint,
     )
     result = trainer.train(resume_from_checkpoint=resume.checkpoint)
 

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -155,10 +155,37 @@ class ThroughputMeter(TrainerCallback):
         self.steps_per_second = (state.global_step - self.start[2]) / max(seconds, 1e-9)
 
 
+class TrainableState(TrainerCallback):
+    """Keeps every trainable tensor in each checkpoint-N/ and restores it on resume.
+
+    peft's adapter file is not always the training state: for p-tuning it holds the prompt the encoder
+    computed, not the encoder, so resuming from it alone would not continue the same run.
+    """
+
+    FILE = "trainable_state.safetensors"
+
+    def __init__(self, model, resume_dir: str | None):
+        self.model, self.resume_dir = model, resume_dir
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            tensors = {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
+            save_file(tensors, os.path.join(args.output_dir, f"checkpoint-{state.global_step}", self.FILE))
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        path = os.path.join(self.resume_dir or "", self.FILE)
+        if self.resume_dir and os.path.isfile(path):
+            saved = load_file(path)
+            with torch.no_grad():
+                for name, param in self.model.named_parameters():
+                    if name in saved:
+                        param.copy_(saved[name])
+
+
 def make_trainer(
     model, tokenizer, train_set, val_set, *, output_dir, micro_batch_size, accumulation, num_epochs,
     max_steps, learning_rate, warmup_steps, eval_step, save_step, save_total_limit, group_by_length,
-    checkpointing, seed, report: Reporting,
+    checkpointing, seed, report: Reporting, resume_dir: str | None = None,
 ) -> Trainer:
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     dtype = precision()
@@ -204,7 +231,7 @@ def make_trainer(
         eval_dataset=val_set,
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=[ThroughputMeter()],
+        callbacks=[ThroughputMeter(), TrainableState(model, resume_dir)],
     )
 
 

@@ -109,7 +109,7 @@ def test_output_directory_contract(tiny_model_dir, data_file, tmp_path):
     assert list(out.glob("runs/*/events.out.tfevents.*"))  # the tensorboard log
 
 
-@pytest.mark.parametrize("method", ["lora", "prefix-tuning", "bottleneck"])
+@pytest.mark.parametrize("method", ["lora", "prefix-tuning", "p-tuning", "bottleneck"])
 def test_resume_from_checkpoint_matches_uninterrupted_run(method, tiny_model_dir, data_file, tmp_path):
     base = tiny_model_dir("llama")
     # Dropout makes the RNG state part of what must resume.
