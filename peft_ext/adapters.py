@@ -3,6 +3,7 @@
 A method is a row of METHODS: a function from the script's adapter options (a dict holding every
 adapter flag of finetune.py) and the base model's `model_type` to a peft config. An alias is a row of
 ALIASES: another name for a method with some options preset. Adding a method never touches a script.
+SIBO (`--embedding_lambda`, `--ffn`) boosts any method that supports it (`peft_ext.sibo`).
 """
 from dataclasses import dataclass, field
 from typing import Callable
@@ -23,7 +24,9 @@ from peft.utils import (
 )
 from transformers.pytorch_utils import Conv1D
 
+from peft_ext import sibo
 from peft_ext.errors import UsageError
+from peft_ext.tuners.bottleneck import BottleneckConfig
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,8 @@ class Method:
 @dataclass(frozen=True)
 class Alias:
     method: str
-    preset: dict = field(default_factory=dict)  # options the alias implies, over the user's flags
+    # options the alias implies, over the user's flags; a callable maps the user's value to the alias's
+    preset: dict = field(default_factory=dict)
 
 
 # LoRA's default targets per model family: the attention projections, as in the LLM-Adapters paper.
@@ -98,6 +102,29 @@ def _ia3(options: dict, model_type: str) -> PeftConfig:
     )
 
 
+# The bottleneck flags of finetune.py, named as BottleneckConfig's fields; absent ones take its defaults.
+BOTTLENECK_OPTIONS = (
+    "bottleneck_size", "non_linearity", "adapter_dropout", "use_parallel_adapter", "use_adapterp", "scaling",
+    "init_weights",
+)
+
+
+def _bottleneck(options: dict, model_type: str) -> PeftConfig:
+    settings = {k: options[k] for k in BOTTLENECK_OPTIONS if options.get(k) is not None}
+    return BottleneckConfig(
+        **settings, target_modules=parse_list(options.get("target_modules")), task_type="CAUSAL_LM"
+    )
+
+
+def _scaled(scaling):
+    """Scaled Parallel's scale: the user's, or 4.0 (He et al.) when the flag is left at 1."""
+    try:
+        left_at_one = scaling is None or float(scaling) == 1.0
+    except ValueError:  # "learned"
+        left_at_one = False
+    return 4.0 if left_at_one else scaling
+
+
 def _prefix(options: dict, model_type: str) -> PeftConfig:
     return PrefixTuningConfig(num_virtual_tokens=options["num_virtual_tokens"], task_type="CAUSAL_LM")
 
@@ -117,10 +144,17 @@ METHODS: dict[str, Method] = {
     "prefix-tuning": Method(_prefix, "prefix tuning: trained key/value prefixes in every layer (peft)"),
     "p-tuning": Method(_p_tuning, "p-tuning: virtual tokens from a prompt encoder (peft)"),
     "prompt-tuning": Method(_prompt_tuning, "prompt tuning: trained virtual input tokens (peft)"),
+    "bottleneck": Method(
+        _bottleneck, "bottleneck adapters: AdapterH/AdapterP (serial) or Parallel (peft_ext.tuners.bottleneck)"
+    ),
 }
 ALIASES: dict[str, Alias] = {
     "prefix": Alias("prefix-tuning"),
     "ptuning": Alias("p-tuning"),
+    "adapterh": Alias("bottleneck"),
+    "adapterp": Alias("bottleneck", {"use_adapterp": True}),
+    "parallel": Alias("bottleneck", {"use_parallel_adapter": True}),
+    "scaled-parallel": Alias("bottleneck", {"use_parallel_adapter": True, "scaling": _scaled}),
 }
 
 
@@ -133,7 +167,8 @@ def resolve(adapter_name: str, options: dict) -> tuple[str, dict]:
     name = normalize(adapter_name)
     alias = ALIASES.get(name) or ALIASES.get(name.replace("-", ""))
     if alias:
-        return alias.method, {**options, **alias.preset}
+        preset = {k: v(options.get(k)) if callable(v) else v for k, v in alias.preset.items()}
+        return alias.method, {**options, **preset}
     if name not in METHODS:
         known = sorted(METHODS) + sorted(ALIASES)
         raise UsageError(f"unknown --adapter_name {adapter_name!r}; choose one of {', '.join(known)}")
@@ -142,7 +177,8 @@ def resolve(adapter_name: str, options: dict) -> tuple[str, dict]:
 
 def make_config(adapter_name: str, options: dict, model_type: str) -> tuple[str, PeftConfig]:
     name, options = resolve(adapter_name, options)
-    return name, METHODS[name].make_config(options, model_type)
+    config = METHODS[name].make_config(options, model_type)
+    return name, sibo.boost(config, name, options.get("embedding_lambda"), options.get("ffn"))
 
 
 def adaptable_layer_names(model: torch.nn.Module) -> list[str]:
