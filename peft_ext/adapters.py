@@ -84,6 +84,7 @@ def _lora(options: dict, model_type: str, use_dora: bool = False) -> PeftConfig:
         or default_targets(LORA_TARGETS, model_type, "LoRA"),
         bias="none",
         use_dora=use_dora,
+        fan_in_fan_out=model_type == "gpt2",  # GPT-2's Conv1D stores its weight transposed
         task_type="CAUSAL_LM",
     )
 
