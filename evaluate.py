@@ -45,8 +45,9 @@ def main(
     column names), `math`, `commonsense`, comma lists, or paths to test.json files; names are read from
     DATA_DIR/NAME/test.json (data/README.md says how to fetch them).
 
-    Decoding is greedy by default; the reference decoded with 4 beams (--num_beams 4) and read AQuA's
-    first capital letter (--answer_rule paper; peft_ext/answers.py documents both rules). Results go to
+    Decoding is greedy by default. To reproduce the reference: --num_beams 4, --answer_rule paper (AQuA's
+    first capital letter; peft_ext/answers.py documents both rules) and, for checkpoints trained with its
+    code, --prompt_template_name llm_adapters_eval (its evaluation prompt's whitespace). Results go to
     OUTPUT_DIR/MODEL-ADAPTER/DATASET/ (predictions.jsonl, settings.json, metrics.json), a row per
     finished set to OUTPUT_DIR/results.csv, and for a suite the paper's table to
     OUTPUT_DIR/MODEL-ADAPTER/SUITE.md. Run the same command again to continue an interrupted run.

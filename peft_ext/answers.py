@@ -148,7 +148,7 @@ def infer(name: str, answers: list) -> Benchmark:
 
     if all(is_number(a) for a in answers):
         return Benchmark(name, name, "number")
-    if all(str(a).strip() in "ABCDE" and str(a).strip() for a in answers):
+    if all(str(a).strip() in ("A", "B", "C", "D", "E") for a in answers):
         return Benchmark(name, name, "letter")
     # Longest first, so that a label that begins another ("answer1", "answer10") never shadows it.
     labels = sorted({str(a).strip() for a in answers}, key=lambda label: (-len(label), label))

@@ -93,5 +93,6 @@ def test_unknown_name_lists_the_known_ones():
 def test_infer_kind_of_an_unknown_set():
     assert answers.infer("mine", ["3", "4.5", -2]).kind == "number"
     assert answers.infer("mine", ["A", "C"]).kind == "letter"
+    assert answers.infer("mine", ["AB", "C"]).kind == "label"
     labels = answers.infer("mine", ["answer1", "answer10", "answer2"])
     assert labels.kind == "label" and labels.extract("answer10") == "answer10"

@@ -9,12 +9,11 @@ import sys
 import time
 
 import pytest
-import torch
-from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from checkpoints import make_checkpoint
 from conftest import ROOT
-from peft_ext import answers, evaluation
+from peft_ext import adapters, answers, evaluation
 from peft_ext.prompts import Prompter
 
 spec = importlib.util.spec_from_file_location("evaluate_script", os.path.join(ROOT, "evaluate.py"))
@@ -24,20 +23,9 @@ spec.loader.exec_module(evaluate)
 FAST = dict(max_new_tokens=12, batch_size=4)  # short answers keep a run at a second or two
 
 
-def make_checkpoint(base: str, path: str) -> str:
-    """A finetune.py-style checkpoint directory made with peft directly: a LoRA with non-zero weights."""
-    model = AutoModelForCausalLM.from_pretrained(base)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM")
-    get_peft_model(model, config).save_pretrained(path)
-    AutoTokenizer.from_pretrained(base).save_pretrained(path)
-    Prompter.load("alpaca").save(path)
-    with open(os.path.join(path, "run.json"), "w") as f:
-        json.dump({"args": {"base_model": base, "adapter_name": "lora"}}, f)
-    return path
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tiny_model_dir, tmp_path_factory):
+    """A finetune.py-style LoRA checkpoint (adapter, tokenizer, template, run.json) made without training."""
     return make_checkpoint(tiny_model_dir("llama"), str(tmp_path_factory.mktemp("ckpt") / "llama-lora"))
 
 
@@ -80,7 +68,7 @@ def test_end_to_end_svamp_and_boolq(tmp_path, checkpoint, data_dir):
 
 
 def test_dataset_defaults_decide_the_budget(tmp_path, checkpoint, data_dir):
-    out = run(tmp_path, lora_weights=checkpoint, dataset="boolq", data_dir=data_dir, max_examples=1, max_new_tokens=0)
+    out = run(tmp_path, weights_path=checkpoint, dataset="boolq", data_dir=data_dir, max_examples=1, max_new_tokens=0)
     assert metrics(os.path.join(out, "llama-llama-lora", "boolq"))["settings"]["max_new_tokens"] == 32
 
 
@@ -103,18 +91,14 @@ def test_batched_equals_one_at_a_time_other_families(tmp_path, tiny_model_dir, d
     assert predictions(os.path.join(one, folder)) == predictions(os.path.join(batched, folder))
 
 
-@pytest.mark.parametrize("config", [
-    PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"),  # virtual tokens: batched by equal length
-    PrefixTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"),
-], ids=["prompt_tuning", "prefix_tuning"])
-def test_batched_equals_one_at_a_time_prompt_methods(tmp_path, tiny_model_dir, data_dir, config):
-    base = tiny_model_dir("llama")
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), config)
-    with torch.no_grad():  # trained-looking virtual tokens, so that a mistake shows in the outputs
-        for parameter in (p for p in model.parameters() if p.requires_grad):
-            parameter.normal_(0, 0.5)
-    model.save_pretrained(tmp_path / "ckpt")
-    flags = dict(base_model=base, lora_weights=str(tmp_path / "ckpt"), dataset="SVAMP", data_dir=data_dir, max_examples=5)
+# Prompt tuning and p-tuning put virtual tokens before the padding: the case that needs equal-length batches.
+FAST_METHODS = {"lora", "prompt-tuning", "prefix-tuning"}
+
+
+@pytest.mark.parametrize("method", [m if m in FAST_METHODS else pytest.param(m, marks=pytest.mark.slow) for m in adapters.METHODS])
+def test_every_method_batched_equals_one_at_a_time(tmp_path, tiny_model_dir, data_dir, method):
+    ckpt = make_checkpoint(tiny_model_dir("llama"), str(tmp_path / "ckpt"), method)
+    flags = dict(lora_weights=ckpt, dataset="SVAMP", data_dir=data_dir, max_examples=5)
     one, batched = run(tmp_path / "one", batch_size=1, **flags), run(tmp_path / "batched", batch_size=5, **flags)
     folder = os.path.join("llama-ckpt", "SVAMP")
     assert predictions(os.path.join(one, folder)) == predictions(os.path.join(batched, folder))
@@ -235,6 +219,8 @@ def test_bad_input_gives_one_line(tmp_path, checkpoint, tiny_model_dir, data_dir
     bad_number.write_text(json.dumps([{"instruction": "How many?", "input": "", "answer": "many"}]))
     assert "is not a number" in cli(monkeypatch, capsys, "--lora_weights", checkpoint, "--dataset", str(bad_number), *out)
     assert "--base_model" in cli(monkeypatch, capsys, "--dataset", "SVAMP", *out)
+    assert "--dataset is required" in cli(monkeypatch, capsys, "--lora_weights", checkpoint, *out)
+    assert "give one" in cli(monkeypatch, capsys, "--lora_weights", checkpoint, "--weights_path", str(tmp_path), "--dataset", "SVAMP", *out)
     assert "answer_rule" in cli(monkeypatch, capsys, "--lora_weights", checkpoint, "--dataset", "AQuA", "--answer_rule", "first", *out)
 
 
@@ -264,7 +250,7 @@ def test_killed_process_resumes(tmp_path, checkpoint, data_dir):
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    first = len(predictions(os.path.dirname(log)))
+    first = len(evaluation.read_predictions(log))  # the kill may have cut a last line short
     assert 3 <= first < 16, "the process was not stopped mid-run"
     finished = subprocess.run(command + ["--batch_size", "8"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert finished.returncode == 0, finished.stderr[-2000:]
@@ -299,3 +285,13 @@ def test_data_readme_lists_every_set_with_its_size(shared_data):
         if os.path.isfile(path):
             size = int(row.split(" | ")[2].replace(",", ""))
             assert size == len(json.load(open(path))), benchmark.name
+
+
+def test_reference_evaluation_prompt_byte_for_byte():
+    """The seed's evaluate.py prompt: one trailing space after the header, empty lines without indent."""
+    pad = " " * 16
+    expected = (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request. \n\n"
+        f"{pad}### Instruction:\n{pad}What is 2+2?\n\n{pad}### Response:\n{pad}"
+    )
+    assert Prompter.load("llm_adapters_eval").prompt("What is 2+2?") == expected
