@@ -2,8 +2,8 @@
 import importlib.util
 import json
 import os
-import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -259,12 +259,18 @@ def test_killed_process_resumes(tmp_path, checkpoint, data_dir):
     assert metrics(os.path.dirname(log))["resumed"] >= first
 
 
+def free_port() -> int:
+    with socket.socket() as s:  # other test runs on this machine may hold torchrun's default port
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.slow
 def test_torchrun_shards_and_merges(tmp_path, checkpoint, data_dir):
     out = str(tmp_path / "out")
     flags = dict(lora_weights=checkpoint, dataset="SVAMP,boolq", data_dir=data_dir, max_examples=6, max_new_tokens=12, batch_size=2)
-    torchrun = shutil.which("torchrun") or pytest.skip("torchrun is not installed")
-    command = [torchrun, "--nproc_per_node", "2", os.path.join(ROOT, "evaluate.py"), "--output_dir", out]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+               os.path.join(ROOT, "evaluate.py"), "--output_dir", out]
     command += [f"--{k}={v}" for k, v in flags.items()]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
