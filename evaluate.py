@@ -99,7 +99,7 @@ def main(
     # save: a line per set, and the paper's table per suite
     for task in tasks:
         m = metrics[task.benchmark.name]
-        speed = f", {m['examples_per_s']:.2f} examples/s" if m["generated"] else " (done before)"
+        speed = f", {m['examples_per_s']:.2f} examples/s" if task in pending and m["examples_per_s"] else " (done before)"
         print(f"{task.benchmark.name}: {100 * m['accuracy']:.1f}% ({m['correct']}/{m['n']}){speed}"
               f" -> {os.path.join(run.task_dir(task), 'metrics.json')}")
     for benchmark in missing:
