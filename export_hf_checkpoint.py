@@ -9,13 +9,9 @@ SIBO-boosted adapters cannot, and are refused with the reason. The output folder
 prompt template: `AutoModelForCausalLM.from_pretrained(output_dir)` loads it without peft, and evaluate.py
 and generate.py take it as --base_model. It appears only once complete.
 """
-import os
-
 import peft_ext  # noqa: F401  registers our adapter methods with peft
 from peft_ext import export
-from peft_ext.checkpoint import load_for_inference, resolve_checkpoint
-from peft_ext.errors import UsageError, run_cli
-from peft_ext.modeling import load_config
+from peft_ext.errors import run_cli
 
 
 def main(
@@ -27,27 +23,17 @@ def main(
     overwrite: bool = False,  # replace a non-empty --output_dir
     trust_remote_code: bool = False,
 ):
-    # parse: everything that can be refused is refused before the model loads
-    if lora_weights and weights_path and lora_weights != weights_path:
-        raise UsageError("--lora_weights and --weights_path name the same thing; give one")
-    adapter_dir = lora_weights or weights_path
-    if not adapter_dir:
-        raise UsageError("--lora_weights is required: the adapter checkpoint directory to merge")
-    checkpoint = resolve_checkpoint(base_model or os.environ.get("BASE_MODEL", ""), adapter_dir)
-    base_config = load_config(checkpoint.base_model, trust_remote_code)
-    export.check_mergeable(adapter_dir)
-    export.check_output_dir(output_dir, overwrite, checkpoint)
-
-    # load and merge
-    model, tokenizer = load_for_inference(checkpoint, trust_remote_code=trust_remote_code)
-    merged = export.merge(model, base_config.dtype)
+    # parse and check, then load and merge (nothing loads before every check has passed)
+    checkpoint, merged, tokenizer = export.prepare(
+        base_model, lora_weights, weights_path, output_dir, overwrite, trust_remote_code
+    )
 
     # save
     with export.staged_output(output_dir) as staging:
         merged.save_pretrained(staging, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(staging)
         checkpoint.prompter.save(staging)
-    print(f"merged {adapter_dir} into {checkpoint.base_model}: {output_dir}")
+    print(f"merged {checkpoint.adapter_dir} into {checkpoint.base_model}: {output_dir}")
 
 
 if __name__ == "__main__":

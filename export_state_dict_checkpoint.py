@@ -15,9 +15,7 @@ import torch
 
 import peft_ext  # noqa: F401  registers our adapter methods with peft
 from peft_ext import export
-from peft_ext.checkpoint import load_for_inference, resolve_checkpoint
-from peft_ext.errors import UsageError, run_cli
-from peft_ext.modeling import load_config
+from peft_ext.errors import run_cli
 
 
 def main(
@@ -27,21 +25,10 @@ def main(
     output_dir: str = "./ckpt",
     overwrite: bool = False,  # replace a non-empty --output_dir
 ):
-    # parse: everything that can be refused is refused before the model loads
-    if lora_weights and weights_path and lora_weights != weights_path:
-        raise UsageError("--lora_weights and --weights_path name the same thing; give one")
-    adapter_dir = lora_weights or weights_path
-    if not adapter_dir:
-        raise UsageError("--lora_weights is required: the adapter checkpoint directory to merge")
-    checkpoint = resolve_checkpoint(base_model or os.environ.get("BASE_MODEL", ""), adapter_dir)
-    base_config = load_config(checkpoint.base_model)
-    export.check_mergeable(adapter_dir)
-    export.check_output_dir(output_dir, overwrite, checkpoint)
-    export.check_meta_llama(base_config)
-
-    # load, merge, rename
-    model, tokenizer = load_for_inference(checkpoint)
-    merged = export.merge(model, base_config.dtype)
+    # parse and check (LLaMA layout only), then load, merge and rename
+    checkpoint, merged, tokenizer = export.prepare(
+        base_model, lora_weights, weights_path, output_dir, overwrite, extra_check=export.check_meta_llama
+    )
     state_dict = export.meta_state_dict(merged)
 
     # save
@@ -50,7 +37,7 @@ def main(
         with open(os.path.join(staging, "params.json"), "w") as f:
             json.dump(export.meta_params(merged.config), f, indent=2)
         tokenizer.save_pretrained(staging)
-    print(f"merged {adapter_dir} into {checkpoint.base_model}, in Meta's layout: {output_dir}")
+    print(f"merged {checkpoint.adapter_dir} into {checkpoint.base_model}, in Meta's layout: {output_dir}")
 
 
 if __name__ == "__main__":

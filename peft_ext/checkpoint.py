@@ -94,10 +94,11 @@ def resolve_checkpoint(base_model: str = "", adapter_dir: str = "", prompt_templ
 
 
 def load_for_inference(checkpoint: Checkpoint, load_8bit: bool = False, load_4bit: bool = False,
-                       trust_remote_code: bool = False):
-    """(model, tokenizer): the base model with the adapter applied, in eval mode (dropout off)."""
+                       trust_remote_code: bool = False, dtype=None):
+    """(model, tokenizer): the base model (in `dtype`, default the machine's compute dtype) with the
+    adapter applied, in eval mode (dropout off)."""
     tokenizer = load_tokenizer(checkpoint.tokenizer_dir, trust_remote_code=trust_remote_code)
-    model = load_base_model(checkpoint.base_model, load_8bit, load_4bit, trust_remote_code=trust_remote_code)
+    model = load_base_model(checkpoint.base_model, load_8bit, load_4bit, dtype=dtype, trust_remote_code=trust_remote_code)
     if checkpoint.adapter_dir:
         model = load_adapter(model, checkpoint.adapter_dir)
     model.eval()

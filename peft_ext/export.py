@@ -14,9 +14,30 @@ from peft.config import PromptLearningConfig
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
 from peft_ext import sibo
-from peft_ext.checkpoint import Checkpoint
+from peft_ext.checkpoint import Checkpoint, load_for_inference, resolve_checkpoint
 from peft_ext.errors import UsageError
-from peft_ext.modeling import read_adapter_config
+from peft_ext.modeling import load_config, read_adapter_config
+
+
+def prepare(base_model: str, lora_weights: str, weights_path: str, output_dir: str, overwrite: bool,
+            trust_remote_code: bool = False, extra_check=None):
+    """Refuse what cannot be exported before anything loads; then (checkpoint, merged model, tokenizer).
+
+    The merge runs in fp32 whatever the machine, and the result is cast back to the base's dtype.
+    """
+    if lora_weights and weights_path and lora_weights != weights_path:
+        raise UsageError("--lora_weights and --weights_path name the same thing; give one")
+    adapter_dir = lora_weights or weights_path
+    if not adapter_dir:
+        raise UsageError("--lora_weights is required: the adapter checkpoint directory to merge")
+    checkpoint = resolve_checkpoint(base_model or os.environ.get("BASE_MODEL", ""), adapter_dir)
+    base_config = load_config(checkpoint.base_model, trust_remote_code)
+    check_mergeable(adapter_dir)
+    check_output_dir(output_dir, overwrite, checkpoint)
+    if extra_check:
+        extra_check(base_config)
+    model, tokenizer = load_for_inference(checkpoint, trust_remote_code=trust_remote_code, dtype=torch.float32)
+    return checkpoint, merge(model, base_config.dtype), tokenizer
 
 
 def check_mergeable(adapter_dir: str) -> None:
