@@ -9,7 +9,7 @@ import os
 
 import peft_ext  # noqa: F401  registers our adapter methods with peft
 from peft_ext import answers
-from peft_ext.checkpoint import load_for_inference, resolve_checkpoint
+from peft_ext.checkpoint import adapter_dir_flag, load_for_inference, resolve_checkpoint
 from peft_ext.errors import UsageError, run_cli
 from peft_ext.evaluation import Evaluation, Ranks, append_result, dataset_items, paper_table, resolve_tasks
 
@@ -53,11 +53,9 @@ def main(
     OUTPUT_DIR/MODEL-ADAPTER/SUITE.md. Run the same command again to continue an interrupted run.
     """
     # parse
-    if lora_weights and weights_path and lora_weights != weights_path:
-        raise UsageError("--lora_weights and --weights_path name the same thing; give one")
     if batch_size < 1 or num_beams < 1 or max_new_tokens < 0 or temperature < 0:
         raise UsageError("--batch_size and --num_beams must be at least 1, --max_new_tokens and --temperature at least 0")
-    checkpoint = resolve_checkpoint(base_model, lora_weights or weights_path, prompt_template_name)
+    checkpoint = resolve_checkpoint(base_model, adapter_dir_flag(lora_weights, weights_path), prompt_template_name)
     tasks, missing = resolve_tasks(dataset, data_dir, max_examples, skip_missing)
     model_label = model or os.path.basename(os.path.normpath(checkpoint.base_model))
     adapter_label = adapter or (os.path.basename(os.path.normpath(checkpoint.adapter_dir)) if checkpoint.adapter_dir else "base")

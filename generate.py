@@ -16,7 +16,7 @@ import json
 from transformers import set_seed
 
 import peft_ext  # noqa: F401  registers our adapter methods with peft
-from peft_ext.checkpoint import load_for_inference, resolve_checkpoint
+from peft_ext.checkpoint import adapter_dir_flag, load_for_inference, resolve_checkpoint
 from peft_ext.demo import build_app, decoding
 from peft_ext.errors import UsageError, run_cli
 from peft_ext.generation import generate
@@ -45,8 +45,6 @@ def main(
     trust_remote_code: bool = False,  # run model code from the hub (foreign code: off unless asked)
 ):
     # parse
-    if lora_weights and weights_path and lora_weights != weights_path:
-        raise UsageError("--lora_weights and --weights_path name the same thing; give one")
     if prompt and prompts_file:
         raise UsageError("--prompt and --prompts_file exclude each other; give one")
     if temperature < 0 or num_beams < 1 or max_new_tokens < 1 or batch_size < 1:
@@ -58,7 +56,7 @@ def main(
             raise UsageError("--auth takes user:password")
         login = (user, password)
     instructions = [str(prompt)] if prompt else _read_instructions(prompts_file) if prompts_file else []
-    checkpoint = resolve_checkpoint(base_model, lora_weights or weights_path, prompt_template_name)
+    checkpoint = resolve_checkpoint(base_model, adapter_dir_flag(lora_weights, weights_path), prompt_template_name)
 
     # load
     model, tokenizer = load_for_inference(checkpoint, load_8bit, load_4bit, trust_remote_code)

@@ -74,6 +74,13 @@ def _check_adapter_dir(adapter_dir: str) -> dict:
     return read_adapter_config(adapter_dir)
 
 
+def adapter_dir_flag(lora_weights: str, weights_path: str) -> str:
+    """The checkpoint directory from --lora_weights or the seed's --weights_path ("" for none)."""
+    if lora_weights and weights_path and lora_weights != weights_path:
+        raise UsageError("--lora_weights and --weights_path name the same thing; give one")
+    return lora_weights or weights_path
+
+
 def resolve_checkpoint(base_model: str = "", adapter_dir: str = "", prompt_template_name: str = "") -> Checkpoint:
     """The base model comes from the flag, else run.json, else adapter_config.json's base_model_name_or_path;
     the template from the flag, else the checkpoint's (or merged model's) prompt_template.json, else alpaca."""

@@ -14,7 +14,7 @@ from peft.config import PromptLearningConfig
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
 from peft_ext import sibo
-from peft_ext.checkpoint import Checkpoint, load_for_inference, resolve_checkpoint
+from peft_ext.checkpoint import Checkpoint, adapter_dir_flag, load_for_inference, resolve_checkpoint
 from peft_ext.errors import UsageError
 from peft_ext.modeling import load_config, read_adapter_config
 
@@ -25,9 +25,7 @@ def prepare(base_model: str, lora_weights: str, weights_path: str, output_dir: s
 
     The merge runs in fp32 whatever the machine, and the result is cast back to the base's dtype.
     """
-    if lora_weights and weights_path and lora_weights != weights_path:
-        raise UsageError("--lora_weights and --weights_path name the same thing; give one")
-    adapter_dir = lora_weights or weights_path
+    adapter_dir = adapter_dir_flag(lora_weights, weights_path)
     if not adapter_dir:
         raise UsageError("--lora_weights is required: the adapter checkpoint directory to merge")
     checkpoint = resolve_checkpoint(base_model or os.environ.get("BASE_MODEL", ""), adapter_dir)
