@@ -13,7 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SHARED_DATA = os.path.join(ROOT, "..", "shared", "data")
 
-from tiny import FAMILIES, save_tiny_model  # noqa: E402
+from tiny import save_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -28,6 +28,19 @@ def tiny_model_dir(tmp_path_factory):
         return made[family]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_model_dir):
+    return tiny_model_dir("llama")
+
+
+@pytest.fixture(scope="module")
+def llama_lora(llama, tmp_path_factory):
+    """A finetune.py-style LoRA checkpoint of the tiny llama (weights moved off their init)."""
+    from checkpoints import make_checkpoint
+
+    return make_checkpoint(llama, str(tmp_path_factory.mktemp("ckpt") / "llama-lora"))
 
 
 @pytest.fixture

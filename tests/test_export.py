@@ -39,16 +39,6 @@ def adapter_logits(base: str, checkpoint: str) -> torch.Tensor:
     return logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), checkpoint))
 
 
-@pytest.fixture(scope="module")
-def llama(tiny_model_dir):
-    return tiny_model_dir("llama")
-
-
-@pytest.fixture(scope="module")
-def llama_lora(llama, tmp_path_factory):
-    return make_checkpoint(llama, str(tmp_path_factory.mktemp("ckpt") / "llama-lora"))
-
-
 @pytest.mark.parametrize("family, method", [
     ("llama", "lora"), ("llama", "dora"), ("llama", "ia3"), ("gpt2", "lora"),
     ("bloom", "lora"), ("opt", "ia3"), ("gpt_neox", "dora"), ("qwen2", "lora"),

@@ -33,16 +33,6 @@ ARTIFACTS = os.path.join(ROOT, "test-artifacts")
 
 
 @pytest.fixture(scope="module")
-def llama(tiny_model_dir):
-    return tiny_model_dir("llama")
-
-
-@pytest.fixture(scope="module")
-def llama_lora(llama, tmp_path_factory):
-    return make_checkpoint(llama, str(tmp_path_factory.mktemp("ckpt") / "llama-lora"))
-
-
-@pytest.fixture(scope="module")
 def lora_model(llama_lora):
     checkpoint = resolve_checkpoint(adapter_dir=llama_lora)
     model, tokenizer = load_for_inference(checkpoint)
