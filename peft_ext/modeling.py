@@ -52,10 +52,6 @@ def load_config(base_model: str, trust_remote_code: bool = False):
     return _from_pretrained(AutoConfig, base_model, trust_remote_code=trust_remote_code)
 
 
-def model_type(base_model: str, trust_remote_code: bool = False) -> str:
-    return load_config(base_model, trust_remote_code).model_type
-
-
 def quantization_config(load_8bit: bool = False, load_4bit: bool = False) -> BitsAndBytesConfig | None:
     if load_8bit and load_4bit:
         raise UsageError("--load_8bit and --load_4bit exclude each other; pick one")
