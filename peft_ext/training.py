@@ -10,10 +10,12 @@ import time
 from dataclasses import dataclass
 
 import torch
+from peft import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
+from peft_ext.adapters import resolve
 from peft_ext.errors import UsageError
 from peft_ext.files import write_json_atomic
 from peft_ext.modeling import ADAPTER_CONFIG, load_adapter, precision
@@ -254,8 +256,6 @@ def _versions() -> dict:
 
 def run_record(args: dict, trainer: Trainer, result, trainable: int, total: int, started: float, n_train: int) -> dict:
     """Everything a later reader (sweep tables, a reviewer) needs to know about this run."""
-    from peft_ext.adapters import resolve
-
     state = trainer.state
     meter = next(c for c in trainer.callback_handler.callbacks if isinstance(c, ThroughputMeter))
     train_losses = [[log["step"], log["loss"]] for log in state.log_history if "loss" in log]
@@ -291,8 +291,6 @@ def run_record(args: dict, trainer: Trainer, result, trainable: int, total: int,
 
 def verify_saved_adapter(model, directory: str) -> None:
     """Reload the saved weights and compare them with the live ones (catches empty or stale saves)."""
-    from peft import get_peft_model_state_dict
-
     saved = load_file(os.path.join(directory, "adapter_model.safetensors"))
     live = get_peft_model_state_dict(model)
     if not saved or saved.keys() != live.keys():
