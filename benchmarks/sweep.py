@@ -1,0 +1,395 @@
+"""Train several adapters on one data set, score each on benchmark sets, and tabulate and plot them.
+
+    python benchmarks/sweep.py          # the bundled offline default: 5 adapters on models/tiny-math
+    python benchmarks/sweep.py --base_model PATH --data_path math_data.json \
+        --adapters lora,adapterh,adapterp,parallel,prefix-tuning --datasets math --output_dir ./sweeps/llama-math
+
+It drives finetune.py and evaluate.py as a user would, each as its own process, and reads back only
+the files they write. OUTPUT_DIR then holds:
+- ADAPTER/: finetune.py's checkpoint directory (run.json, the adapter, checkpoint-N/);
+- eval/: evaluate.py's output (MODEL-ADAPTER/DATASET/metrics.json, predictions.jsonl, results.csv);
+- resources.md/.csv, accuracy.md/.csv, accuracy.png, loss.png.
+Run the same command again to continue: a finished adapter is not retrained, an interrupted one resumes
+from its newest checkpoint-N/, and evaluate.py continues a partial evaluation. A second run of a
+finished sweep starts no process and only rewrites the tables.
+"""
+import contextlib
+import csv
+import io
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import fire
+from fire.parser import DefaultParseValue
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUNDLED_MODEL = os.path.join(ROOT, "models", "tiny-math")
+BUNDLED_TRAIN = os.path.join(ROOT, "data", "synth_math", "train.json")
+BUNDLED_TEST = os.path.join(ROOT, "data", "synth_math", "test.json")
+ADAPTERS = "lora,adapterh,adapterp,parallel,prefix-tuning"
+SWEEP_RECORD = "sweep.json"  # in evaluate's run folder: the command that finished, and its metrics files
+
+# The LLM-Adapters paper's math runs on LLaMA-7B (math_running_commands and the maintainers' answers in
+# issues #38/#45), as finetune.py flags. Target names are the LLaMA family's (also Mistral's and Qwen2's);
+# on other families finetune.py's per-family default targets are used instead.
+PAPER_COMMON = dict(batch_size=16, micro_batch_size=4, num_epochs=3, learning_rate=3e-4, cutoff_len=256)
+PAPER = {
+    "lora": dict(lora_r=32, lora_alpha=64, target_modules=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"], val_set_size=0),
+    "adapterh": dict(bottleneck_size=256, target_modules=["up_proj", "gate_proj"]),
+    "adapterp": dict(bottleneck_size=256, target_modules=["down_proj"]),
+    "parallel": dict(bottleneck_size=256, target_modules=["up_proj", "down_proj"], val_set_size=0),
+    "prefix-tuning": dict(num_virtual_tokens=10, learning_rate=3e-2, batch_size=8, num_epochs=5),
+}
+LLAMA_NAMED = ("llama", "mistral", "qwen2")
+
+# The bundled tiny-math model (hidden size 128) needs the paper's settings scaled down. Bottleneck 32: the
+# paper's 256 is wider than this model, and a quarter of its width is still a bottleneck. LoRA r 8 on the
+# paper's targets (r 32 would be a quarter of the width too, four times the bundled recipe's tested
+# rank). Everything at micro batch 16 for 3 epochs with the loss on the response only; learning rates
+# raised, since a tiny model and a short run need bigger steps (LoRA 1e-3 reaches 88.8% where the seed's
+# 3e-4 reaches 42%, models/tiny-math/README.md); prefix tuning keeps its far higher rate (x30, as in the paper).
+BUNDLED_COMMON = dict(micro_batch_size=16, num_epochs=3, learning_rate=1e-3, val_set_size=0, train_on_inputs=False)
+BUNDLED = {
+    "lora": dict(lora_r=8, lora_alpha=16),
+    "adapterh": dict(bottleneck_size=32),
+    "adapterp": dict(bottleneck_size=32),
+    "parallel": dict(bottleneck_size=32),
+    "prefix-tuning": dict(learning_rate=3e-2, batch_size=16, num_epochs=3),
+}
+OVERRIDABLE = ("num_epochs", "max_steps", "learning_rate", "batch_size", "micro_batch_size", "cutoff_len")
+
+
+def fail(message: str):
+    raise SystemExit(f"error: {message}")
+
+
+def key(label: str) -> str:
+    return label.strip().lower().replace("_", "-")
+
+
+def model_type(base_model: str) -> str:
+    local = os.path.join(base_model, "config.json")
+    if os.path.isfile(local):
+        return read_json(local).get("model_type", "")
+    from transformers import AutoConfig  # a hub id: its config (loads transformers, so only then)
+
+    try:
+        return AutoConfig.from_pretrained(base_model).model_type
+    except OSError as e:
+        fail(f"--base_model {base_model!r} is neither a model folder nor a reachable hub id ({e})")
+
+
+def parse_flags(text: str) -> dict:
+    """'--lora_r 16 --train_on_inputs=False --use_adapterp' -> {'lora_r': '16', ...} (values as typed)."""
+    flags, words = {}, shlex.split(text)
+    for i, word in enumerate(words):
+        if word.startswith("--"):
+            name, _, value = word[2:].partition("=")
+            if not value and i + 1 < len(words) and not words[i + 1].startswith("--"):
+                value = words[i + 1]
+            flags[name] = value or "True"
+        elif i == 0 or not words[i - 1].startswith("--") or "=" in words[i - 1]:
+            fail(f"{word!r} in {text!r} is not a --flag or a flag's value")
+    return flags
+
+
+def flag_text(value) -> str:
+    """A value as finetune.py's command line takes it (fire reads '[a,b]' back as a list)."""
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(map(str, value)) + "]"
+    return str(value)
+
+
+def as_recorded(value):
+    """What run.json's "args" holds for a flag given as `value` on the command line."""
+    return json.loads(json.dumps(DefaultParseValue(flag_text(value))))
+
+
+def training_flags(label, base_model, data_path, bundled, family, overrides, finetune_args) -> dict:
+    """finetune.py's flags for one adapter: the paper's settings (scaled for the bundled model), then
+    the sweep-wide overrides, then --finetune_args (for all adapters, or per adapter)."""
+    name = key(label)
+    flags = dict(PAPER_COMMON, **PAPER.get(name, {}))
+    if family not in LLAMA_NAMED:
+        flags.pop("target_modules", None)
+    if bundled:
+        flags.update(BUNDLED_COMMON, **BUNDLED.get(name, {}))
+    flags.update({k: v for k, v in overrides.items() if v is not None})
+    if isinstance(finetune_args, dict):
+        extra = " ".join(str(finetune_args.get(k, "")) for k in ("all", label, name))
+    else:
+        extra = str(finetune_args or "")
+    flags.update(parse_flags(extra))
+    return dict(flags, base_model=base_model, data_path=data_path, adapter_name=label)
+
+
+def train(label: str, flags: dict, adapter_dir: str) -> bool:
+    """Make sure `adapter_dir` holds a finished run of these flags; returns whether it trained."""
+    record_path = os.path.join(adapter_dir, "run.json")
+    if os.path.isfile(record_path):
+        with open(record_path) as f:
+            recorded = json.load(f)["args"]
+        changed = sorted(k for k, v in flags.items() if recorded.get(k) != as_recorded(v))
+        if changed:
+            fail(
+                f"{adapter_dir} holds a {label} run made with other settings ({', '.join(changed)} differ); "
+                "delete that folder to retrain it, or choose another --output_dir"
+            )
+        print(f"{label}: trained before ({record_path})")
+        return False
+    command = [sys.executable, os.path.join(ROOT, "finetune.py"), f"--output_dir={adapter_dir}"]
+    command += [f"--{k}={flag_text(v)}" for k, v in flags.items()]
+    interrupted = os.path.isdir(adapter_dir) and any(n.startswith("checkpoint-") for n in os.listdir(adapter_dir))
+    if interrupted:
+        command.append("--resume_from_checkpoint=latest")
+    print(f"{label}: {'resuming' if interrupted else 'training'}: {shlex.join(command)}", flush=True)
+    run(command, f"finetune.py for {label}")
+    return True
+
+
+def evaluate(label: str, adapter_dir: str, eval_dir: str, model_label: str, datasets: str, eval_flags: list[str]) -> list[str]:
+    """Score `adapter_dir` on the sets `datasets` names; returns their metrics.json paths, in order."""
+    run_dir = os.path.join(eval_dir, f"{model_label}-{label}")
+    record_path = os.path.join(run_dir, SWEEP_RECORD)
+    command = [
+        sys.executable, os.path.join(ROOT, "evaluate.py"), f"--lora_weights={adapter_dir}", f"--output_dir={eval_dir}",
+        f"--model={model_label}", f"--adapter={label}", f"--dataset={datasets}", *eval_flags,
+    ]
+    asked = {"dataset": datasets, "flags": eval_flags}  # no paths of this folder: it may be moved
+    record = read_json(record_path) if os.path.isfile(record_path) else {}
+    if record.get("asked") == asked:
+        print(f"{label}: evaluated before ({record_path})")
+    else:
+        print(f"{label}: evaluating: {shlex.join(command)}", flush=True)
+        run(command, f"evaluate.py for {label}")
+        record = {"asked": asked, "metrics": [os.path.join(n, "metrics.json") for n in benchmark_names(datasets, eval_flags)]}
+        write_atomic(record_path, json.dumps(record, indent=2) + "\n")
+    return [os.path.join(run_dir, p) for p in record["metrics"]]
+
+
+def benchmark_names(datasets: str, eval_flags: list[str]) -> list[str]:
+    """The sets `--dataset` expands to, as evaluate.py names their folders (asked of its own code,
+    imported here only after an evaluation ran: it loads torch and peft)."""
+    from peft_ext.evaluation import resolve_tasks
+
+    data_dir = parse_flags(shlex.join(eval_flags)).get("data_dir", "data")
+    return [task.benchmark.name for task in resolve_tasks(datasets, data_dir)[0]]
+
+
+def run(command: list[str], what: str) -> None:
+    finished = subprocess.run(command)
+    if finished.returncode:
+        fail(f"{what} stopped with exit status {finished.returncode} (its output is above)")
+
+
+# ---- tables and plots
+
+
+@contextlib.contextmanager
+def atomic(path: str):
+    """A temporary path beside `path`, renamed onto it once the block wrote it without error."""
+    directory, name = os.path.split(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.splitext(name)[1])
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_atomic(path: str, text: str) -> None:
+    with atomic(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+
+
+def csv_text(rows: list[dict]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def markdown(header: list[str], rows: list[list], right_from: int = 1) -> str:
+    align = ["---" if i < right_from else "---:" for i in range(len(header))]
+    return "\n".join("| " + " | ".join(map(str, line)) + " |" for line in [header, align, *rows]) + "\n"
+
+
+def resource_tables(records: dict[str, dict]) -> tuple[str, str]:
+    rows = [
+        {
+            "adapter": label,
+            "trainable_params": r["trainable_params"],
+            "total_params": r["total_params"],
+            "trainable_percent": round(r["trainable_percent"], 4),
+            "peak_memory_mib": round(r["peak_memory_bytes"] / 2**20, 1),
+            "peak_memory_kind": r["peak_memory_kind"],
+            "wall_seconds": round(r["wall_seconds"], 1),
+            "train_seconds": round(r["train_seconds"], 1),
+            "tokens_per_second": round(r["tokens_per_second"], 1),
+            "steps": r["steps"],
+            "final_train_loss": r["final_train_loss"],
+        }
+        for label, r in records.items()
+    ]
+    memory = {"gpu": "GPU", "cpu_rss": "RSS"}
+    header = ["Adapter", "Trainable params", "% of total", "Peak memory (MiB)", "Wall time (s)", "Tokens/s", "Steps", "Final loss"]
+    md_rows = [
+        [row["adapter"], f"{row['trainable_params']:,}", f"{row['trainable_percent']:.2f}",
+         f"{row['peak_memory_mib']:,.0f} {memory.get(row['peak_memory_kind'], row['peak_memory_kind'])}",
+         f"{row['wall_seconds']:,.0f}", f"{row['tokens_per_second']:,.0f}", row["steps"],
+         "–" if row["final_train_loss"] is None else f"{row['final_train_loss']:.3f}"]
+        for row in rows
+    ]
+    return markdown(header, md_rows), csv_text(rows)
+
+
+def accuracy_by_adapter(metrics: dict[str, list[dict]]) -> tuple[list[str], dict[str, dict[str, float]]]:
+    """(the sets in order, {adapter: {set: accuracy in percent, and "Avg" over the sets}})."""
+    datasets = list(dict.fromkeys(m["dataset"] for ms in metrics.values() for m in ms))
+    table = {}
+    for label, ms in metrics.items():
+        scores = {m["dataset"]: 100 * m["accuracy"] for m in ms}
+        table[label] = {**scores, "Avg": sum(scores.values()) / len(scores)}
+    return datasets, table
+
+
+def accuracy_tables(datasets: list[str], table: dict[str, dict[str, float]]) -> tuple[str, str]:
+    columns = [*datasets, "Avg"]
+    md_rows = [[label, *(f"{scores[c]:.1f}" for c in columns)] for label, scores in table.items()]
+    rows = [{"adapter": label, **{c: round(scores[c], 2) for c in columns}} for label, scores in table.items()]
+    return markdown(["Adapter", *columns], md_rows), csv_text(rows)
+
+
+def plot_accuracy(path: str, datasets: list[str], table: dict[str, dict[str, float]], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    groups = [*datasets, "Avg"] if len(datasets) > 1 else datasets
+    width = 0.8 / len(table)
+    fig, ax = plt.subplots(figsize=(max(6, 1.5 * len(groups) * len(table) / 3 + 3), 4.5))
+    for i, (label, scores) in enumerate(table.items()):
+        xs = [g + (i - (len(table) - 1) / 2) * width for g in range(len(groups))]
+        bars = ax.bar(xs, [scores[d] for d in groups], width, label=label)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title(title)
+    ax.legend(fontsize=8, ncols=min(len(table), 5), loc="upper center", bbox_to_anchor=(0.5, -0.1))
+    save_figure(fig, path)
+
+
+def plot_loss(path: str, records: dict[str, dict], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, record in records.items():
+        steps, losses = zip(*record["loss_history"]) if record["loss_history"] else ((), ())
+        ax.plot(steps, losses, label=label, linewidth=1.2)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.set_yscale("log")  # the first steps' loss is many times the last ones'
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic(path) as tmp:
+        fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+
+
+def read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def main(
+    base_model: str = "",  # default: the bundled models/tiny-math, with settings scaled for it
+    data_path: str = "",  # default: the bundled data/synth_math/train.json
+    adapters: str = ADAPTERS,  # comma list of finetune.py adapter names; each is also its folder and label
+    datasets: str = "",  # evaluate.py's --dataset (names, suites such as math, paths); default: the bundled test set
+    output_dir: str = "./sweeps/tiny-math",
+    num_epochs: float = None,  # these six, when given, replace every adapter's setting
+    max_steps: int = None,
+    learning_rate: float = None,
+    batch_size: int = None,
+    micro_batch_size: int = None,
+    cutoff_len: int = None,
+    finetune_args="",  # more finetune.py flags: '--lora_r 16' for all, or {lora: '--lora_r 16', all: '...'}
+    eval_batch_size: int = 16,
+    max_examples: int = 0,  # 0: every example; else the first N of each set
+    data_dir: str = "data",  # where evaluate.py finds named sets (DATA_DIR/NAME/test.json)
+    evaluate_args: str = "",  # more evaluate.py flags for every adapter, e.g. '--num_beams 4'
+):
+    """Train each of ADAPTERS on DATA_PATH, evaluate each on DATASETS, and write OUTPUT_DIR/resources.md/.csv,
+    accuracy.md/.csv, accuracy.png and loss.png. Per-adapter defaults are the LLM-Adapters paper's math
+    settings (LoRA r 32 on q,k,v,up,down; bottleneck 256; prefix tuning 10 tokens at 3e-2), scaled down
+    for the bundled tiny model; benchmarks/README.md lists both."""
+    # parse
+    bundled = not base_model
+    base_model = base_model or BUNDLED_MODEL
+    data_path = data_path or BUNDLED_TRAIN
+    datasets = ",".join(datasets) if isinstance(datasets, list | tuple) else str(datasets or BUNDLED_TEST)
+    labels = [a.strip() for a in (adapters.split(",") if isinstance(adapters, str) else adapters) if a.strip()]
+    if not labels or len(set(map(key, labels))) != len(labels):
+        fail(f"--adapters must name one or more different adapters, got {adapters!r}")
+    if isinstance(finetune_args, dict) and not set(map(key, finetune_args)) <= {"all", *map(key, labels)}:
+        fail(f"--finetune_args keys must be 'all' or adapters of --adapters {labels}, got {sorted(finetune_args)}")
+    if eval_batch_size < 1 or max_examples < 0:
+        fail("--eval_batch_size must be at least 1 and --max_examples at least 0")
+    # Absolute local paths, so that a run started from another folder still matches its run.json.
+    base_model, data_path = (os.path.abspath(p) if os.path.exists(p) else p for p in (base_model, data_path))
+    overrides = dict(num_epochs=num_epochs, max_steps=max_steps, learning_rate=learning_rate,
+                     batch_size=batch_size, micro_batch_size=micro_batch_size, cutoff_len=cutoff_len)
+    eval_flags = [f"--batch_size={eval_batch_size}", f"--max_examples={max_examples}", f"--data_dir={data_dir}",
+                  *shlex.split(evaluate_args)]
+    family = model_type(base_model)
+    model_label = os.path.basename(os.path.normpath(base_model))
+    eval_dir = os.path.join(output_dir, "eval")
+
+    # train and evaluate each adapter; each step is skipped when its files say it is done
+    records, metrics = {}, {}
+    for label in labels:
+        adapter_dir = os.path.join(output_dir, label)
+        flags = training_flags(label, base_model, data_path, bundled, family, overrides, finetune_args)
+        if train(label, flags, adapter_dir):
+            # predictions of earlier weights of this adapter would be scored as the new ones'
+            shutil.rmtree(os.path.join(eval_dir, f"{model_label}-{label}"), ignore_errors=True)
+        records[label] = read_json(os.path.join(adapter_dir, "run.json"))
+        metrics[label] = [read_json(p) for p in evaluate(label, adapter_dir, eval_dir, model_label, datasets, eval_flags)]
+
+    # tabulate and plot
+    names, table = accuracy_by_adapter(metrics)
+    tables = {"resources": resource_tables(records), "accuracy": accuracy_tables(names, table)}
+    for stem, (md, csv_rows) in tables.items():
+        write_atomic(os.path.join(output_dir, f"{stem}.md"), md)
+        write_atomic(os.path.join(output_dir, f"{stem}.csv"), csv_rows)
+        print(f"\n{md}", end="")
+    plot_accuracy(os.path.join(output_dir, "accuracy.png"), names, table, f"{model_label}: accuracy")
+    plot_loss(os.path.join(output_dir, "loss.png"), records, f"{model_label}: training loss")
+    print(f"\nwritten to {output_dir}: resources.md/.csv, accuracy.md/.csv, accuracy.png, loss.png")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

@@ -1,0 +1,138 @@
+"""benchmarks/sweep.py: two adapters, one set, on the tiny llama; tables and plots agree with the run
+records, a finished sweep does nothing the second time, and an interrupted adapter resumes."""
+import csv
+import importlib.util
+import json
+import os
+import shutil
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+spec = importlib.util.spec_from_file_location("sweep", os.path.join(ROOT, "benchmarks", "sweep.py"))
+sweep = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(sweep)
+
+ADAPTERS = ["lora", "adapterh"]
+
+
+def sweep_args(base_model, output_dir):
+    return dict(
+        base_model=base_model, data_path=sweep.BUNDLED_TRAIN, datasets=sweep.BUNDLED_TEST,
+        adapters=",".join(ADAPTERS), output_dir=str(output_dir),
+        max_steps=4, batch_size=4, micro_batch_size=4, finetune_args="--save_step 2 --val_set_size 0",
+        max_examples=4, evaluate_args="--max_new_tokens 8",
+    )
+
+
+@pytest.fixture(scope="module")
+def finished(llama, tmp_path_factory):
+    """(sweep arguments, output folder) of a finished sweep."""
+    out = tmp_path_factory.mktemp("sweep") / "out"
+    args = sweep_args(llama, out)
+    sweep.main(**args)
+    return args, out
+
+
+def read_csv(path):
+    with open(path) as f:
+        return {row["adapter"]: row for row in csv.DictReader(f)}
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def file_times(folder):
+    return {os.path.join(d, n): os.stat(os.path.join(d, n)).st_mtime_ns for d, _, names in os.walk(folder) for n in names}
+
+
+def test_tables_and_plots_agree_with_run_and_metrics_files(finished):
+    _, out = finished
+    resources, accuracy = read_csv(out / "resources.csv"), read_csv(out / "accuracy.csv")
+    resources_md, accuracy_md = (out / "resources.md").read_text(), (out / "accuracy.md").read_text()
+    assert list(resources) == ADAPTERS and list(accuracy) == ADAPTERS
+    for adapter in ADAPTERS:
+        run = read_json(out / adapter / "run.json")
+        row = resources[adapter]
+        assert run["adapter"] == ("lora" if adapter == "lora" else "bottleneck")
+        assert int(row["trainable_params"]) == run["trainable_params"] > 0
+        assert float(row["trainable_percent"]) == pytest.approx(run["trainable_percent"], abs=1e-4)
+        assert float(row["peak_memory_mib"]) == pytest.approx(run["peak_memory_bytes"] / 2**20, abs=0.1)
+        assert float(row["wall_seconds"]) == pytest.approx(run["wall_seconds"], abs=0.1)
+        assert float(row["tokens_per_second"]) == pytest.approx(run["tokens_per_second"], abs=0.1)
+        assert int(row["steps"]) == run["steps"] == 4
+        assert f"| {adapter} | {run['trainable_params']:,} |" in resources_md
+
+        metrics = read_json(out / "eval" / f"llama-{adapter}" / "synth_math" / "metrics.json")
+        assert metrics["n"] == 4
+        assert float(accuracy[adapter]["synth_math"]) == pytest.approx(100 * metrics["accuracy"], abs=0.01)
+        assert float(accuracy[adapter]["Avg"]) == pytest.approx(100 * metrics["accuracy"], abs=0.01)
+        assert f"| {adapter} | {100 * metrics['accuracy']:.1f} |" in accuracy_md
+    for image in ("accuracy.png", "loss.png"):
+        with open(out / image, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_finished_sweep_runs_nothing_and_answers_in_seconds(finished, monkeypatch):
+    args, out = finished
+    tables = {name: (out / name).read_text() for name in ("resources.md", "resources.csv", "accuracy.md", "accuracy.csv")}
+    before = {path: t for path, t in file_times(out).items() if os.path.dirname(path) != str(out)}
+
+    def no_process(*a, **k):
+        raise AssertionError(f"a finished sweep started {a}")
+
+    monkeypatch.setattr(sweep.subprocess, "run", no_process)
+    started = time.perf_counter()
+    sweep.main(**args)
+    assert time.perf_counter() - started < 5
+    after = file_times(out)
+    assert {path: after[path] for path in before} == before  # checkpoints, run.json, predictions, metrics
+    assert {name: (out / name).read_text() for name in tables} == tables
+
+
+def test_an_interrupted_adapter_resumes_from_its_checkpoint(finished, tmp_path):
+    args, out = finished
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    lora = copy / "lora"
+    # As if stopped after step 2: checkpoint-2/ saved, no final adapter and no evaluation yet.
+    shutil.rmtree(lora / "checkpoint-4")
+    for name in ("run.json", "adapter_model.safetensors", "adapter_config.json"):
+        os.remove(lora / name)
+    checkpoint_times = file_times(lora / "checkpoint-2")
+    adapterh_times = file_times(copy / "adapterh")
+
+    sweep.main(**{**args, "output_dir": str(copy)})
+    run = read_json(lora / "run.json")
+    assert run["args"]["resume_from_checkpoint"] == "latest" and run["steps"] == 4
+    assert file_times(lora / "checkpoint-2") == checkpoint_times
+    assert file_times(copy / "adapterh") == adapterh_times  # the finished adapter was left alone
+    metrics = read_json(copy / "eval" / "llama-lora" / "synth_math" / "metrics.json")
+    assert float(read_csv(copy / "accuracy.csv")["lora"]["synth_math"]) == pytest.approx(100 * metrics["accuracy"], abs=0.01)
+
+
+def test_a_finished_adapter_with_other_settings_is_refused_not_reported(finished, tmp_path):
+    args, out = finished
+    with pytest.raises(SystemExit, match="lora run made with other settings \\(learning_rate differ\\)"):
+        sweep.main(**{**args, "learning_rate": 0.5})
+
+
+def test_flags_come_from_the_paper_then_the_bundled_scaling_then_the_user():
+    paper = sweep.training_flags("lora", "m", "d", False, "llama", {}, "")
+    assert (paper["lora_r"], paper["learning_rate"]) == (32, 3e-4)
+    assert paper["target_modules"] == ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+    assert "target_modules" not in sweep.training_flags("lora", "m", "d", False, "gpt2", {}, "")
+
+    bundled = sweep.training_flags("adapterh", "m", "d", True, "llama", {"learning_rate": None}, "")
+    assert (bundled["bottleneck_size"], bundled["learning_rate"], bundled["train_on_inputs"]) == (32, 1e-3, False)
+
+    per_adapter = {"all": "--cutoff_len 64", "prefix-tuning": "--num_virtual_tokens=20 --use_x"}
+    prefix = sweep.training_flags("prefix-tuning", "m", "d", True, "llama", {"max_steps": 7}, per_adapter)
+    lora = sweep.training_flags("lora", "m", "d", True, "llama", {"max_steps": 7}, per_adapter)
+    assert (prefix["num_virtual_tokens"], prefix["use_x"], prefix["cutoff_len"], prefix["max_steps"]) == ("20", "True", "64", 7)
+    assert "num_virtual_tokens" not in lora and lora["cutoff_len"] == "64"
+    with pytest.raises(SystemExit, match="not a --flag"):
+        sweep.parse_flags("--lora_r 16 32")
