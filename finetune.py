@@ -1,5 +1,6 @@
 """Fine-tune a causal LM with a parameter-efficient adapter; writes a checkpoint directory.
 
+    python finetune.py      # LoRA on the bundled tiny model and math set, on a CPU in minutes
     python finetune.py --base_model PATH_OR_HUB_ID --data_path math_data.json --adapter_name lora
     torchrun --nproc_per_node=2 finetune.py ...same flags...
 
@@ -11,7 +12,7 @@ import time
 
 from transformers import set_seed
 
-from peft_ext import adapters, training
+from peft_ext import adapters, bundled, training
 from peft_ext.data import load_data, split_validation, tokenize
 from peft_ext.errors import UsageError, run_cli
 from peft_ext.modeling import load_base_model, load_tokenizer, parameter_counts
@@ -21,15 +22,15 @@ from peft_ext.prompts import Prompter
 def train(
     base_model: str = "",
     data_path: str = "",
-    output_dir: str = "./trained_models/lora",
+    output_dir: str = bundled.OUTPUT_DIR,
     adapter_name: str = "lora",
     load_8bit: bool = False,
     load_4bit: bool = False,
     batch_size: int = 16,
-    micro_batch_size: int = 4,
+    micro_batch_size: int = None,
     num_epochs: float = 3,
     max_steps: int = -1,
-    learning_rate: float = 3e-4,
+    learning_rate: float = None,
     warmup_steps: int = 100,
     cutoff_len: int = 256,
     val_set_size=120,
@@ -51,7 +52,7 @@ def train(
     embedding_lambda: float = 0.0,
     ffn=None,
     prompt_template_name: str = "alpaca",
-    train_on_inputs: bool = True,
+    train_on_inputs: bool = None,
     group_by_length: bool = False,
     use_gradient_checkpointing: bool = False,
     resume_from_checkpoint=None,
@@ -67,17 +68,17 @@ def train(
     """Fine-tune BASE_MODEL on DATA_PATH with one adapter and save it to OUTPUT_DIR.
 
     Args:
-        base_model: local model directory or hub id of the causal LM to adapt (required).
-        data_path: JSON/JSONL records {instruction, input, output} or ShareGPT conversations, a directory with train.json, a .txt file, or a datasets hub id.
+        base_model: local model directory or hub id of the causal LM to adapt (default: the bundled models/tiny-math, with the settings marked "tiny").
+        data_path: JSON/JSONL records {instruction, input, output} or ShareGPT conversations, a directory with train.json, a .txt file, or a datasets hub id (default: the bundled data/synth_math/train.json).
         output_dir: where the checkpoint directory is written.
         adapter_name: method: lora, dora, ia3, prefix-tuning, p-tuning, prompt-tuning, bottleneck, adapterh, adapterp, parallel, scaled_parallel (case and -/_ do not matter).
         load_8bit: load the base model in 8-bit (bitsandbytes).
         load_4bit: load the base model in 4-bit NF4 with double quantization (QLoRA).
         batch_size: global batch size; gradient accumulation = batch_size / micro_batch_size / world size.
-        micro_batch_size: examples per device per forward pass.
+        micro_batch_size: examples per device per forward pass (default 4; tiny 16).
         num_epochs: passes over the training data (may be fractional).
         max_steps: stop after this many optimizer steps (-1: train num_epochs).
-        learning_rate: peak learning rate of AdamW (linear decay after warmup).
+        learning_rate: peak learning rate of AdamW, linear decay after warmup (default 3e-4; tiny 1e-3).
         warmup_steps: linear warmup steps.
         cutoff_len: maximum tokens per example; longer ones are truncated.
         val_set_size: validation records held out: a count, or a fraction in (0, 1); 0 for none.
@@ -99,7 +100,7 @@ def train(
         embedding_lambda: SIBO: weight of the initial embeddings mixed into adapter inputs (0 = off).
         ffn: SIBO: inject at the MLP sites (see docs/adapters.md); default decided per method.
         prompt_template_name: template in templates/ (alpaca, alpaca_short, alpaca_legacy, llm_adapters, vicuna, chatml) or a JSON path.
-        train_on_inputs: put loss on the prompt tokens too (False trains on the response only).
+        train_on_inputs: put loss on the prompt tokens too; False trains on the response only (default True; tiny False).
         group_by_length: batch examples of similar length together (less padding, faster).
         use_gradient_checkpointing: recompute activations in backward to save memory.
         resume_from_checkpoint: a checkpoint-N/ folder (full resume), 'latest' (newest in output_dir), or a finished adapter folder (warm start).
@@ -112,7 +113,8 @@ def train(
         wandb_log_model: W&B: upload checkpoints as artifacts ('checkpoint' or 'end').
         trust_remote_code: allow model code from the hub (off by default: it runs foreign code).
     """
-    args = dict(locals())
+    args = bundled.finetune_defaults(dict(locals()))
+    base_model, data_path, micro_batch_size, learning_rate, train_on_inputs = (args[k] for k in bundled.DECIDED_FLAGS)
     started = time.time()
     world_size = int(os.environ.get("WORLD_SIZE", 1))
 

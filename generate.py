@@ -1,5 +1,6 @@
 """Talk to a base model plus an adapter checkpoint: a Gradio page, or plain answers for scripts.
 
+    python generate.py                     # after a bare `python finetune.py`: its adapter, on 127.0.0.1:7860
     python generate.py --lora_weights ./trained_models/llama-lora                    # web page on 127.0.0.1:7860
     python generate.py --lora_weights ./trained_models/llama-lora --prompt "What is 12*7?"
     python generate.py --lora_weights ./trained_models/llama-lora --prompts_file questions.txt
@@ -12,19 +13,22 @@ answer; --prompts_file (one instruction per line) prints a JSON line {"instructi
 The decoding flags set the page's starting values and plain mode's decoding.
 """
 import json
+import os
 
 from transformers import set_seed
 
 import peft_ext  # noqa: F401  registers our adapter methods with peft
+from peft_ext import bundled
 from peft_ext.checkpoint import adapter_dir_flag, load_for_inference, resolve_checkpoint
 from peft_ext.demo import build_app, decoding
 from peft_ext.errors import UsageError, run_cli
 from peft_ext.generation import generate
+from peft_ext.modeling import ADAPTER_CONFIG
 
 
 def main(
     base_model: str = "",  # default: the checkpoint's run.json / adapter_config.json
-    lora_weights: str = "",  # the checkpoint directory; none: the base model alone
+    lora_weights: str = "",  # the checkpoint directory; default ./trained_models/lora if there, else none
     weights_path: str = "",  # the seed's other name for --lora_weights
     prompt_template_name: str = "",  # default: the checkpoint's prompt_template.json, else alpaca
     load_8bit: bool = False,
@@ -56,7 +60,11 @@ def main(
             raise UsageError("--auth takes user:password")
         login = (user, password)
     instructions = [str(prompt)] if prompt else _read_instructions(prompts_file) if prompts_file else []
-    checkpoint = resolve_checkpoint(base_model, adapter_dir_flag(lora_weights, weights_path), prompt_template_name)
+    adapter_dir = adapter_dir_flag(lora_weights, weights_path)
+    if not (base_model or adapter_dir) and os.path.isfile(os.path.join(bundled.OUTPUT_DIR, ADAPTER_CONFIG)):
+        adapter_dir = bundled.OUTPUT_DIR  # what a bare `python finetune.py` trained
+        print(f"no --lora_weights: serving {adapter_dir}, finetune.py's default output")
+    checkpoint = resolve_checkpoint(base_model, adapter_dir, prompt_template_name)
 
     # load
     model, tokenizer = load_for_inference(checkpoint, load_8bit, load_4bit, trust_remote_code)

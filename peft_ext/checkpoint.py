@@ -9,6 +9,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from peft_ext import bundled
 from peft_ext.errors import UsageError
 from peft_ext.modeling import (
     ADAPTER_CONFIG,
@@ -82,16 +83,19 @@ def adapter_dir_flag(lora_weights: str, weights_path: str) -> str:
 
 
 def resolve_checkpoint(base_model: str = "", adapter_dir: str = "", prompt_template_name: str = "") -> Checkpoint:
-    """The base model comes from the flag, else run.json, else adapter_config.json's base_model_name_or_path;
+    """The base model comes from the flag, else run.json, else adapter_config.json's base_model_name_or_path,
+    else (with no adapter either) the bundled tiny model;
     the template from the flag, else the checkpoint's (or merged model's) prompt_template.json, else alpaca."""
     run_args, adapter_config = {}, {}
     if adapter_dir:
         adapter_config = _check_adapter_dir(adapter_dir)
         run_args = _read_run_args(adapter_dir)
     base_model = base_model or run_args.get("base_model") or adapter_config.get("base_model_name_or_path") or ""
+    if not base_model and adapter_dir:
+        raise UsageError(f"no --base_model given and {adapter_dir}/{RUN_FILE} names none; pass --base_model PATH_OR_HUB_ID")
     if not base_model:
-        where = f"and {adapter_dir}/{RUN_FILE} names none" if adapter_dir else "and no --lora_weights"
-        raise UsageError(f"no --base_model given {where}; pass --base_model PATH_OR_HUB_ID")
+        base_model = bundled.BASE_MODEL
+        print(f"no --base_model and no --lora_weights: using the bundled base model {base_model}")
     if prompt_template_name:
         prompter = Prompter.load(prompt_template_name)
     else:
