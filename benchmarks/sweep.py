@@ -28,6 +28,7 @@ import fire
 from fire.parser import DefaultParseValue
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # peft_ext, for the rare step that needs it
 BUNDLED_MODEL = os.path.join(ROOT, "models", "tiny-math")
 BUNDLED_TRAIN = os.path.join(ROOT, "data", "synth_math", "train.json")
 BUNDLED_TEST = os.path.join(ROOT, "data", "synth_math", "test.json")
@@ -152,33 +153,44 @@ def train(label: str, flags: dict, adapter_dir: str) -> bool:
     return True
 
 
-def evaluate(label: str, adapter_dir: str, eval_dir: str, model_label: str, datasets: str, eval_flags: list[str]) -> list[str]:
-    """Score `adapter_dir` on the sets `datasets` names; returns their metrics.json paths, in order."""
-    run_dir = os.path.join(eval_dir, f"{model_label}-{label}")
-    record_path = os.path.join(run_dir, SWEEP_RECORD)
-    command = [
-        sys.executable, os.path.join(ROOT, "evaluate.py"), f"--lora_weights={adapter_dir}", f"--output_dir={eval_dir}",
-        f"--model={model_label}", f"--adapter={label}", f"--dataset={datasets}", *eval_flags,
-    ]
-    asked = {"dataset": datasets, "flags": eval_flags}  # no paths of this folder: it may be moved
-    record = read_json(record_path) if os.path.isfile(record_path) else {}
-    if record.get("asked") == asked:
-        print(f"{label}: evaluated before ({record_path})")
+def eval_record(run_dir: str, asked: dict) -> dict | None:
+    """The sweep's record of a finished evaluation that was asked for exactly this, else None."""
+    path = os.path.join(run_dir, SWEEP_RECORD)
+    record = read_json(path) if os.path.isfile(path) else {}
+    return record if record.get("asked") == asked else None
+
+
+def evaluate(label: str, model_label: str, adapter_dir: str, run_dir: str, asked: dict) -> list[str]:
+    """Score `adapter_dir` as evaluate.py's run MODEL_LABEL-LABEL on the sets and with the flags `asked`
+    names; returns their metrics.json paths, in order."""
+    record = eval_record(run_dir, asked)
+    if record:
+        print(f"{label}: evaluated before ({os.path.join(run_dir, SWEEP_RECORD)})")
     else:
+        command = [
+            sys.executable, os.path.join(ROOT, "evaluate.py"), f"--lora_weights={adapter_dir}",
+            f"--output_dir={os.path.dirname(run_dir)}", f"--model={model_label}", f"--adapter={label}",
+            f"--dataset={asked['dataset']}", *asked["flags"],
+        ]
         print(f"{label}: evaluating: {shlex.join(command)}", flush=True)
         run(command, f"evaluate.py for {label}")
-        record = {"asked": asked, "metrics": [os.path.join(n, "metrics.json") for n in benchmark_names(datasets, eval_flags)]}
-        write_atomic(record_path, json.dumps(record, indent=2) + "\n")
+        names = benchmark_names(asked["dataset"], asked["flags"])
+        record = {"asked": asked, "metrics": [os.path.join(n, "metrics.json") for n in names]}
+        write_atomic(os.path.join(run_dir, SWEEP_RECORD), json.dumps(record, indent=2) + "\n")
     return [os.path.join(run_dir, p) for p in record["metrics"]]
 
 
 def benchmark_names(datasets: str, eval_flags: list[str]) -> list[str]:
     """The sets `--dataset` expands to, as evaluate.py names their folders (asked of its own code,
-    imported here only after an evaluation ran: it loads torch and peft)."""
+    imported only when there is work to do: it loads torch and peft)."""
+    from peft_ext.errors import UsageError
     from peft_ext.evaluation import resolve_tasks
 
     data_dir = parse_flags(shlex.join(eval_flags)).get("data_dir", "data")
-    return [task.benchmark.name for task in resolve_tasks(datasets, data_dir)[0]]
+    try:
+        return [task.benchmark.name for task in resolve_tasks(datasets, data_dir)[0]]
+    except UsageError as e:
+        fail(str(e))
 
 
 def run(command: list[str], what: str) -> None:
@@ -366,7 +378,11 @@ def main(
                   *shlex.split(evaluate_args)]
     family = model_type(base_model)
     model_label = os.path.basename(os.path.normpath(base_model))
-    eval_dir = os.path.join(output_dir, "eval")
+
+    run_dirs = {label: os.path.join(output_dir, "eval", f"{model_label}-{label}") for label in labels}
+    asked = {"dataset": datasets, "flags": eval_flags}  # no paths of OUTPUT_DIR in it: it may be moved
+    if not all(eval_record(run_dirs[label], asked) for label in labels):
+        benchmark_names(datasets, eval_flags)  # a misspelt set fails now, not after hours of training
 
     # train and evaluate each adapter; each step is skipped when its files say it is done
     records, metrics = {}, {}
@@ -375,9 +391,9 @@ def main(
         flags = training_flags(label, base_model, data_path, bundled, family, overrides, finetune_args)
         if train(label, flags, adapter_dir):
             # predictions of earlier weights of this adapter would be scored as the new ones'
-            shutil.rmtree(os.path.join(eval_dir, f"{model_label}-{label}"), ignore_errors=True)
+            shutil.rmtree(run_dirs[label], ignore_errors=True)
         records[label] = read_json(os.path.join(adapter_dir, "run.json"))
-        metrics[label] = [read_json(p) for p in evaluate(label, adapter_dir, eval_dir, model_label, datasets, eval_flags)]
+        metrics[label] = [read_json(p) for p in evaluate(label, model_label, adapter_dir, run_dirs[label], asked)]
 
     # tabulate and plot
     names, table = accuracy_by_adapter(metrics)
