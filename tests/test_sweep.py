@@ -31,7 +31,10 @@ def finished(llama, tmp_path_factory):
     """(sweep arguments, output folder) of a finished sweep."""
     out = tmp_path_factory.mktemp("sweep") / "out"
     args = sweep_args(llama, out)
-    sweep.main(**args)
+    with pytest.MonkeyPatch.context() as patch:
+        # One thread per child process: a second one buys a tiny model nothing and costs a lot on a busy machine.
+        patch.setenv("OMP_NUM_THREADS", "1")
+        sweep.main(**args)
     return args, out
 
 
@@ -93,7 +96,7 @@ def test_a_finished_sweep_runs_nothing_and_answers_in_seconds(finished, monkeypa
     assert {name: (out / name).read_text() for name in tables} == tables
 
 
-def test_an_interrupted_adapter_resumes_from_its_checkpoint(finished, tmp_path):
+def test_an_interrupted_adapter_resumes_from_its_checkpoint(finished, tmp_path, monkeypatch):
     args, out = finished
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
@@ -105,6 +108,7 @@ def test_an_interrupted_adapter_resumes_from_its_checkpoint(finished, tmp_path):
     checkpoint_times = file_times(lora / "checkpoint-2")
     adapterh_times = file_times(copy / "adapterh")
 
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     sweep.main(**{**args, "output_dir": str(copy)})
     run = read_json(lora / "run.json")
     assert run["args"]["resume_from_checkpoint"] == "latest" and run["steps"] == 4
