@@ -33,14 +33,16 @@ BUNDLED_MODEL = os.path.join(ROOT, "models", "tiny-math")
 BUNDLED_TRAIN = os.path.join(ROOT, "data", "synth_math", "train.json")
 BUNDLED_TEST = os.path.join(ROOT, "data", "synth_math", "test.json")
 ADAPTERS = "lora,adapterh,adapterp,parallel,prefix-tuning"
-SWEEP_RECORD = "sweep.json"  # in evaluate's run folder: the command that finished, and its metrics files
+SWEEP_RECORD = "sweep.json"  # in evaluate's run folder: what a finished evaluation was asked, its metrics files
 
 # The LLM-Adapters paper's math runs on LLaMA-7B (math_running_commands and the maintainers' answers in
 # issues #38/#45), as finetune.py flags. Target names are the LLaMA family's (also Mistral's and Qwen2's);
 # on other families finetune.py's per-family default targets are used instead.
 PAPER_COMMON = dict(batch_size=16, micro_batch_size=4, num_epochs=3, learning_rate=3e-4, cutoff_len=256)
 PAPER = {
-    "lora": dict(lora_r=32, lora_alpha=64, target_modules=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"], val_set_size=0),
+    "lora": dict(
+        lora_r=32, lora_alpha=64, target_modules=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"], val_set_size=0
+    ),
     "adapterh": dict(bottleneck_size=256, target_modules=["up_proj", "gate_proj"]),
     "adapterp": dict(bottleneck_size=256, target_modules=["down_proj"]),
     "parallel": dict(bottleneck_size=256, target_modules=["up_proj", "down_proj"], val_set_size=0),
@@ -62,7 +64,6 @@ BUNDLED = {
     "parallel": dict(bottleneck_size=32),
     "prefix-tuning": dict(learning_rate=3e-2, batch_size=16, num_epochs=3),
 }
-OVERRIDABLE = ("num_epochs", "max_steps", "learning_rate", "batch_size", "micro_batch_size", "cutoff_len")
 
 
 def fail(message: str):
@@ -133,8 +134,7 @@ def train(label: str, flags: dict, adapter_dir: str) -> bool:
     """Make sure `adapter_dir` holds a finished run of these flags; returns whether it trained."""
     record_path = os.path.join(adapter_dir, "run.json")
     if os.path.isfile(record_path):
-        with open(record_path) as f:
-            recorded = json.load(f)["args"]
+        recorded = read_json(record_path)["args"]
         changed = sorted(k for k, v in flags.items() if recorded.get(k) != as_recorded(v))
         if changed:
             fail(
@@ -254,7 +254,9 @@ def resource_tables(records: dict[str, dict]) -> tuple[str, str]:
         for label, r in records.items()
     ]
     memory = {"gpu": "GPU", "cpu_rss": "RSS"}
-    header = ["Adapter", "Trainable params", "% of total", "Peak memory (MiB)", "Wall time (s)", "Tokens/s", "Steps", "Final loss"]
+    header = [
+        "Adapter", "Trainable params", "% of total", "Peak memory (MiB)", "Wall time (s)", "Tokens/s", "Steps", "Final loss"
+    ]
     md_rows = [
         [row["adapter"], f"{row['trainable_params']:,}", f"{row['trainable_percent']:.2f}",
          f"{row['peak_memory_mib']:,.0f} {memory.get(row['peak_memory_kind'], row['peak_memory_kind'])}",
@@ -282,15 +284,20 @@ def accuracy_tables(datasets: list[str], table: dict[str, dict[str, float]]) -> 
     return markdown(["Adapter", *columns], md_rows), csv_text(rows)
 
 
-def plot_accuracy(path: str, datasets: list[str], table: dict[str, dict[str, float]], title: str) -> None:
+def pyplot():
+    """matplotlib, imported only to draw (it takes a while) and drawing to files only (no display)."""
     import matplotlib
 
-    matplotlib.use("Agg")  # files only: no display needed
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_accuracy(path: str, datasets: list[str], table: dict[str, dict[str, float]], title: str) -> None:
     groups = [*datasets, "Avg"] if len(datasets) > 1 else datasets
     width = 0.8 / len(table)
-    fig, ax = plt.subplots(figsize=(max(6, 1.5 * len(groups) * len(table) / 3 + 3), 4.5))
+    fig, ax = pyplot().subplots(figsize=(max(6.0, 0.4 * len(groups) * len(table) + 3), 4.5))
     for i, (label, scores) in enumerate(table.items()):
         xs = [g + (i - (len(table) - 1) / 2) * width for g in range(len(groups))]
         bars = ax.bar(xs, [scores[d] for d in groups], width, label=label)
@@ -299,17 +306,12 @@ def plot_accuracy(path: str, datasets: list[str], table: dict[str, dict[str, flo
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 105)
     ax.set_title(title)
-    ax.legend(fontsize=8, ncols=min(len(table), 5), loc="upper center", bbox_to_anchor=(0.5, -0.1))
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1, 0.5))
     save_figure(fig, path)
 
 
 def plot_loss(path: str, records: dict[str, dict], title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = pyplot().subplots(figsize=(7, 4.5))
     for label, record in records.items():
         steps, losses = zip(*record["loss_history"]) if record["loss_history"] else ((), ())
         ax.plot(steps, losses, label=label, linewidth=1.2)
@@ -323,12 +325,10 @@ def plot_loss(path: str, records: dict[str, dict], title: str) -> None:
 
 
 def save_figure(fig, path: str) -> None:
-    import matplotlib.pyplot as plt
-
     fig.tight_layout()
     with atomic(path) as tmp:
         fig.savefig(tmp, dpi=120)
-    plt.close(fig)
+    pyplot().close(fig)
 
 
 def read_json(path: str) -> dict:
@@ -337,27 +337,46 @@ def read_json(path: str) -> dict:
 
 
 def main(
-    base_model: str = "",  # default: the bundled models/tiny-math, with settings scaled for it
-    data_path: str = "",  # default: the bundled data/synth_math/train.json
-    adapters: str = ADAPTERS,  # comma list of finetune.py adapter names; each is also its folder and label
-    datasets: str = "",  # evaluate.py's --dataset (names, suites such as math, paths); default: the bundled test set
+    base_model: str = "",
+    data_path: str = "",
+    adapters: str = ADAPTERS,
+    datasets: str = "",
     output_dir: str = "./sweeps/tiny-math",
-    num_epochs: float = None,  # these six, when given, replace every adapter's setting
+    num_epochs: float = None,
     max_steps: int = None,
     learning_rate: float = None,
     batch_size: int = None,
     micro_batch_size: int = None,
     cutoff_len: int = None,
-    finetune_args="",  # more finetune.py flags: '--lora_r 16' for all, or {lora: '--lora_r 16', all: '...'}
+    finetune_args="",
     eval_batch_size: int = 16,
-    max_examples: int = 0,  # 0: every example; else the first N of each set
-    data_dir: str = "data",  # where evaluate.py finds named sets (DATA_DIR/NAME/test.json)
-    evaluate_args: str = "",  # more evaluate.py flags for every adapter, e.g. '--num_beams 4'
+    max_examples: int = 0,
+    data_dir: str = "data",
+    evaluate_args: str = "",
 ):
     """Train each of ADAPTERS on DATA_PATH, evaluate each on DATASETS, and write OUTPUT_DIR/resources.md/.csv,
     accuracy.md/.csv, accuracy.png and loss.png. Per-adapter defaults are the LLM-Adapters paper's math
     settings (LoRA r 32 on q,k,v,up,down; bottleneck 256; prefix tuning 10 tokens at 3e-2), scaled down
-    for the bundled tiny model; benchmarks/README.md lists both."""
+    for the bundled tiny model; benchmarks/README.md lists both.
+
+    Args:
+        base_model: model folder or hub id; default: the bundled models/tiny-math, with settings scaled for it.
+        data_path: training data, as finetune.py takes it; default: the bundled data/synth_math/train.json.
+        adapters: comma list of finetune.py adapter names; each is also its folder and its label.
+        datasets: evaluate.py's --dataset (names, suites such as math, paths); default: the bundled test set.
+        output_dir: where the checkpoints, evaluations, tables and plots go.
+        num_epochs: for every adapter, replacing its default.
+        max_steps: for every adapter (-1: train num_epochs).
+        learning_rate: for every adapter, replacing its default.
+        batch_size: for every adapter, replacing its default.
+        micro_batch_size: for every adapter, replacing its default.
+        cutoff_len: for every adapter, replacing its default.
+        finetune_args: more finetune.py flags: --finetune_args='--save_step 100' for every adapter, or per adapter --finetune_args='{"lora": "--lora_r 16", "all": "--save_step 100"}'.
+        eval_batch_size: evaluate.py's --batch_size.
+        max_examples: score the first N examples of each set (0: all).
+        data_dir: where evaluate.py finds named sets (DATA_DIR/NAME/test.json).
+        evaluate_args: more evaluate.py flags, the same for every adapter: --evaluate_args='--num_beams 4'.
+    """
     # parse
     bundled = not base_model
     base_model = base_model or BUNDLED_MODEL
