@@ -13,8 +13,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from checkpoints import make_checkpoint
 from conftest import ROOT
-from peft_ext import adapters, answers, evaluation
+from peft_ext import adapters, answers, evaluation, generation
+from peft_ext.checkpoint import load_for_inference, resolve_checkpoint
 from peft_ext.prompts import Prompter
+from tiny import FAMILIES
 
 spec = importlib.util.spec_from_file_location("evaluate_script", os.path.join(ROOT, "evaluate.py"))
 evaluate = importlib.util.module_from_spec(spec)
@@ -89,6 +91,25 @@ def test_batched_equals_one_at_a_time_other_families(tmp_path, tiny_model_dir, d
     one, batched = run(tmp_path / "one", batch_size=1, **flags), run(tmp_path / "batched", batch_size=4, **flags)
     folder = os.path.join(f"{family}-base", "AddSub")
     assert predictions(os.path.join(one, folder)) == predictions(os.path.join(batched, folder))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_loop_gives_what_transformers_generate_gives(tiny_model_dir, data_dir, family, monkeypatch):
+    """Our greedy loop drops each row from the batch and its KV cache as it ends; the responses must be
+    transformers' own greedy ones, with a stop string that ends one row early and with none."""
+    model, tokenizer = load_for_inference(resolve_checkpoint(tiny_model_dir(family)))
+    records = json.load(open(os.path.join(data_dir, "SVAMP", "test.json")))[:5]
+    prompts = [Prompter.load("alpaca").prompt(r["instruction"]) for r in records]
+    assert generation.runs_greedy_loop(model, generation.decoding_config(model, tokenizer, 24))
+    unstopped = generation.generate(model, tokenizer, prompts, generation.decoding_config(model, tokenizer, 24))
+    longest = max(range(len(prompts)), key=lambda i: len(unstopped[i]))
+    middle = len(unstopped[longest]) // 2
+    stop = unstopped[longest][middle:middle + 3]  # text that row produces: it ends there, others may go on
+    configs = [generation.decoding_config(model, tokenizer, 24, stop=s) for s in [(), (stop,)]]
+    ours = [generation.generate(model, tokenizer, prompts, config) for config in configs]
+    assert ours[0] == unstopped and len(ours[1][longest]) <= middle
+    monkeypatch.setattr(generation, "runs_greedy_loop", lambda model, config: False)
+    assert ours == [generation.generate(model, tokenizer, prompts, config) for config in configs]
 
 
 # Prompt tuning and p-tuning put virtual tokens before the padding: the case that needs equal-length batches.
@@ -218,7 +239,6 @@ def test_bad_input_gives_one_line(tmp_path, checkpoint, tiny_model_dir, data_dir
     bad_number.parent.mkdir()
     bad_number.write_text(json.dumps([{"instruction": "How many?", "input": "", "answer": "many"}]))
     assert "is not a number" in cli(monkeypatch, capsys, "--lora_weights", checkpoint, "--dataset", str(bad_number), *out)
-    assert "--base_model" in cli(monkeypatch, capsys, "--dataset", "SVAMP", *out)
     assert "--dataset is required" in cli(monkeypatch, capsys, "--lora_weights", checkpoint, *out)
     assert "give one" in cli(monkeypatch, capsys, "--lora_weights", checkpoint, "--weights_path", str(tmp_path), "--dataset", "SVAMP", *out)
     assert "answer_rule" in cli(monkeypatch, capsys, "--lora_weights", checkpoint, "--dataset", "AQuA", "--answer_rule", "first", *out)
