@@ -4,34 +4,57 @@ In one process, on the same model and the same SVAMP prompts (math budget: 256 n
   (a) a loop written like the reference evaluate.py: one example at a time, 4 beams, no KV cache;
   (b) evaluate.py's own path one example at a time: greedy, KV cache;
   (c) evaluate.py's batched path, greedy, at batch 16 and 64 (the same outputs as (b) are required);
-  (d) evaluate.py's batched path with the reference's 4 beams, at batch 16 (compared with (a)).
-Prints a Markdown table of examples/s and the ratios, and writes it with the run's conditions to
-benchmarks/results/eval_throughput.{md,json}.
+  (d) evaluate.py's batched path with the reference's 4 beams, at batch 16 (compared with (a));
+and, for a mergeable adapter, (b) and (c) again with the adapter merged into the base weights (what
+evaluate.py runs on export_hf_checkpoint.py's output). Prints a Markdown table of examples/s and the
+ratios, and writes it with the run's conditions to benchmarks/results/eval_throughput.{md,json}.
 
-    python benchmarks/eval_throughput.py                       # the tiny random LLaMA of the tests
-    python benchmarks/eval_throughput.py --base_model PATH --threads 16
+    python benchmarks/eval_throughput.py        # bundled tiny-math + its LoRA (trained here first if absent)
+    python benchmarks/eval_throughput.py --lora_weights ./trained_models/llama-lora --threads 16
+    python benchmarks/eval_throughput.py --base_model PATH                 # a base or merged model alone
 """
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import transformers
 from transformers import GenerationConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+sys.path.insert(0, ROOT)
 
-from peft_ext import answers  # noqa: E402
+from peft_ext import answers, bundled  # noqa: E402
 from peft_ext.checkpoint import load_for_inference, resolve_checkpoint  # noqa: E402
-from peft_ext.errors import run_cli  # noqa: E402
+from peft_ext.errors import UsageError, run_cli  # noqa: E402
 from peft_ext.evaluation import PREDICTIONS, Evaluation, Ranks, load_task  # noqa: E402
+from peft_ext.export import check_mergeable  # noqa: E402
 from peft_ext.generation import cut_at_stops  # noqa: E402
 
 RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
+BENCH_ADAPTER = os.path.join(ROOT, "trained_models", "eval-bench-lora")
+# finetune.py's offline default recipe (models/tiny-math/README.md), spelled out so that this adapter
+# stays the same whatever finetune.py's defaults become; no validation set: it only costs time here.
+TRAIN_FLAGS = ["--base_model", bundled.BASE_MODEL, "--data_path", bundled.TRAIN_DATA, "--adapter_name", "lora",
+               "--learning_rate", "1e-3", "--train_on_inputs", "False", "--batch_size", "16",
+               "--micro_batch_size", "16", "--num_epochs", "3", "--val_set_size", "0", "--save_step", "1000"]
+
+
+def bench_adapter() -> str:
+    """The LoRA adapter of tiny-math that this benchmark measures, trained by finetune.py when absent
+    (about 3 minutes of one CPU core): a model that ends its answers at EOS, as fine-tuned models do."""
+    if not os.path.isfile(os.path.join(BENCH_ADAPTER, "run.json")):
+        print(f"training the benchmark's adapter into {BENCH_ADAPTER} (finetune.py, a few minutes)", flush=True)
+        command = [sys.executable, os.path.join(ROOT, "finetune.py"), *TRAIN_FLAGS, "--output_dir", BENCH_ADAPTER,
+                   "--overwrite", "True"]
+        subprocess.run(command, check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return BENCH_ADAPTER
 
 
 def reference_loop(model, tokenizer, prompts: list[str], max_new_tokens: int, stop: tuple[str, ...]) -> list[str]:
@@ -58,25 +81,15 @@ def evaluate_path(model, tokenizer, prompter, task, budget: int, batch_size: int
             return [json.loads(line)["response"] for line in f]
 
 
-def timed(fn):
-    """(result, wall seconds, CPU seconds of this process): on a shared machine CPU time shows the work
-    done even when other jobs stretch the wall time."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    result = fn()
-    return result, time.perf_counter() - wall, time.process_time() - cpu
-
-
-def main(base_model: str = "", data_path: str = os.path.join(ROOT, "..", "shared", "data", "eval", "SVAMP", "test.json"),
+def main(base_model: str = "", lora_weights: str = "",
+         data_path: str = os.path.join(ROOT, "..", "shared", "data", "eval", "SVAMP", "test.json"),
          examples: int = 64, max_new_tokens: int = 0, threads: int = 1):
+    """Measure on --lora_weights (default: tiny-math's LoRA, trained first if absent) or --base_model alone."""
     torch.set_num_threads(threads)
-    if not base_model:
-        from tiny import save_tiny_model
-
-        base_model = save_tiny_model("llama", os.path.join(tempfile.mkdtemp(), "tiny-llama"))
-        model_name = "tiny random LLaMA (tests/tiny.py: 2 layers, hidden 32, vocab 320)"
-    else:
-        model_name = base_model
-    checkpoint = resolve_checkpoint(base_model)
+    if not os.path.isfile(data_path):
+        raise UsageError(f"{data_path} does not exist; data/README.md says how to fetch SVAMP, or pass --data_path")
+    adapter_dir = lora_weights or ("" if base_model else bench_adapter())
+    checkpoint = resolve_checkpoint(base_model, adapter_dir)
     model, tokenizer = load_for_inference(checkpoint)
     prompter = checkpoint.prompter
     task = load_task(data_path, answers.get("SVAMP"), examples)
@@ -84,41 +97,100 @@ def main(base_model: str = "", data_path: str = os.path.join(ROOT, "..", "shared
     prompts = [prompter.prompt(r["instruction"], r.get("input")) for r in task.examples]
     stop = tuple(prompter.template.get("stop", [])) + (prompter.template["response_split"],)
 
-    runs = []  # (label, batch, beams, cache, outputs, wall seconds, CPU seconds)
-    runs.append(("(a) reference-style loop", 1, 4, "off", *timed(lambda: reference_loop(model, tokenizer, prompts, budget, stop))))
-    for label, batch, beams in [("(b) evaluate.py, one at a time", 1, 1), ("(c) evaluate.py, batched", 16, 1),
-                                ("(c) evaluate.py, batched", 64, 1), ("(d) evaluate.py, batched, 4 beams", 16, 4)]:
-        runs.append((label, batch, beams, "on", *timed(lambda: evaluate_path(model, tokenizer, prompter, task, budget, batch, beams))))
+    def evaluate_run(label: str, batch: int, beams: int, same_as: str | None, weights: str = "adapter") -> Run:
+        return Run(label, batch, beams, "on", same_as,
+                   lambda model: evaluate_path(model, tokenizer, prompter, task, budget, batch, beams), weights)
 
-    n = len(prompts)
-    speed = {i: n / r[5] for i, r in enumerate(runs)}
-    # Ratios of the work each path costs: CPU time on a CPU, whose wall time other jobs may stretch;
-    # wall time on a GPU, where the CPU time is mostly waiting.
-    basis, cost = ("wall", 5) if torch.cuda.is_available() else ("CPU time", 6)
-    ratio = {i: runs[0][cost] / r[cost] for i, r in enumerate(runs)}
-    rows = [f"| path | batch | beams | KV cache | wall s | CPU s | examples/s | × (a), {basis} | × (b), {basis} | outputs equal to |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
-    for i, (label, batch, beams, cache, outputs, seconds, cpu) in enumerate(runs):
-        same_as = 0 if beams == 4 else 1
-        equal = "—" if i == same_as else f"{sum(x == y for x, y in zip(outputs, runs[same_as][4]))}/{n} of {'(a)' if same_as == 0 else '(b)'}"
-        rows.append(f"| {label} | {batch} | {beams} | {cache} | {seconds:.1f} | {cpu:.1f} | {speed[i]:.2f} | "
-                    f"{ratio[i]:.1f}× | {ratio[i] / ratio[1]:.1f}× | {equal} |")
-    conditions = (f"{n} SVAMP prompts, up to {budget} new tokens, model: {model_name}; device: "
+    def greedy_runs(who: str, same_as: str | None, weights: str) -> list[Run]:
+        """(b) and (c) at batch 16 and 64; every (c) must give (b)'s outputs."""
+        one = f"(b) {who}, one at a time"
+        return [evaluate_run(one, 1, 1, same_as, weights), evaluate_run(f"(c) {who}, batched", 16, 1, one, weights),
+                evaluate_run(f"(c) {who}, batched", 64, 1, one, weights)]
+
+    reference = Run("(a) reference-style loop", 1, 4, "off", None, lambda model: reference_loop(model, tokenizer, prompts, budget, stop))
+    runs = [reference, *greedy_runs("evaluate.py", None, "adapter"), evaluate_run("(d) evaluate.py, batched, 4 beams", 16, 4, reference.label)]
+    for run in runs:
+        run.measure(model)
+    if adapter_dir and mergeable(adapter_dir):
+        merged_runs = greedy_runs("merged adapter", runs[1].label, "merged")
+        merged = model.merge_and_unload()  # last: this changes `model` in place
+        for run in merged_runs:
+            run.measure(merged)
+        runs += merged_runs
+
+    lengths = [len(ids) for ids in tokenizer(runs[1].responses)["input_ids"]]
+    model_name = checkpoint.base_model + (f" + {checkpoint.adapter_dir}" if checkpoint.adapter_dir else "")
+    conditions = (f"{len(prompts)} SVAMP prompts, up to {budget} new tokens; model: {model_name}; greedy responses "
+                  f"of {sum(lengths) / len(lengths):.0f} tokens on average (longest {max(lengths)}); device: "
                   f"{'cuda: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}, "
                   f"{threads} torch thread(s) on a {os.cpu_count()}-core {platform.machine()} machine "
                   f"(load average {os.getloadavg()[0]:.1f} at the end); torch {torch.__version__}, "
                   f"transformers {transformers.__version__}")
+    write_table(runs, conditions)
+
+
+@dataclass
+class Run:
+    """One measured path; `same_as` names the run whose responses these must equal."""
+
+    label: str
+    batch: int
+    beams: int
+    kv_cache: str
+    same_as: str | None
+    decode: Callable[..., list[str]]  # model -> responses
+    weights: str = "adapter"  # or "merged": the adapter folded into the base weights
+    responses: list[str] = field(default_factory=list)
+    wall: float = 0.0
+    cpu: float = 0.0
+
+    def measure(self, model) -> None:
+        """Wall and CPU seconds of this process: on a shared machine, CPU time shows the work done even
+        when other jobs stretch the wall time."""
+        wall, cpu = time.perf_counter(), time.process_time()
+        self.responses = self.decode(model)
+        self.wall, self.cpu = time.perf_counter() - wall, time.process_time() - cpu
+
+
+def mergeable(adapter_dir: str) -> bool:
+    try:
+        check_mergeable(adapter_dir)
+        return True
+    except UsageError:
+        return False
+
+
+def write_table(runs: list[Run], conditions: str) -> None:
+    """Print the table and write it, with the run's conditions, to results/eval_throughput.{md,json}."""
+    # Ratios of the work each path costs: CPU time on a CPU, whose wall time other jobs may stretch;
+    # wall time on a GPU, where the CPU time is mostly waiting.
+    basis = "wall" if torch.cuda.is_available() else "CPU time"
+    cost = {run.label: run.wall if basis == "wall" else run.cpu for run in runs}
+    # × (b): against the greedy one-at-a-time run of the same model (merged rows against the merged one)
+    one_at_a_time = {run.weights: run.label for run in runs if (run.batch, run.beams, run.kv_cache) == (1, 1, "on")}
+    responses = {run.label: run.responses for run in runs}
+    n = len(runs[0].responses)
+    rows = [f"| path | batch | beams | KV cache | wall s | CPU s | examples/s | × (a), {basis} | × (b), {basis} | outputs equal to |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    records = []
+    for run in runs:
+        equal = sum(x == y for x, y in zip(run.responses, responses[run.same_as])) if run.same_as else None
+        record = dict(path=run.label, batch_size=run.batch, num_beams=run.beams, kv_cache=run.kv_cache,
+                      seconds=round(run.wall, 2), cpu_seconds=round(run.cpu, 2), examples_per_s=round(n / run.wall, 3),
+                      speedup_over_a=round(cost[runs[0].label] / cost[run.label], 2),
+                      speedup_over_b=round(cost[one_at_a_time[run.weights]] / cost[run.label], 2),
+                      outputs_equal=f"{equal}/{n} of {run.same_as.split(',')[0]}" if run.same_as else "—")
+        records.append(record)
+        rows.append(f"| {run.label} | {run.batch} | {run.beams} | {run.kv_cache} | {run.wall:.1f} | {run.cpu:.1f} | "
+                    f"{n / run.wall:.2f} | {record['speedup_over_a']:.1f}× | {record['speedup_over_b']:.1f}× | "
+                    f"{record['outputs_equal']} |")
     table = "\n".join(rows) + f"\n\n{conditions}\n"
     print(table)
     os.makedirs(RESULTS_DIR, exist_ok=True)
     with open(os.path.join(RESULTS_DIR, "eval_throughput.md"), "w") as f:
         f.write(table)
     with open(os.path.join(RESULTS_DIR, "eval_throughput.json"), "w") as f:
-        json.dump({"conditions": conditions, "runs": [
-            {"path": r[0], "batch_size": r[1], "num_beams": r[2], "kv_cache": r[3], "seconds": round(r[5], 2),
-             "cpu_seconds": round(r[6], 2), "examples_per_s": round(speed[i], 3), f"speedup_over_a_{basis}": round(ratio[i], 2),
-             f"speedup_over_b_{basis}": round(ratio[i] / ratio[1], 2)}
-            for i, r in enumerate(runs)]}, f, indent=2)
+        json.dump({"conditions": conditions, "ratio_basis": basis, "runs": records}, f, indent=2)
 
 
 if __name__ == "__main__":

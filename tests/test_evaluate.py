@@ -7,9 +7,10 @@ import socket
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from checkpoints import make_checkpoint
 from conftest import ROOT
@@ -110,6 +111,16 @@ def test_greedy_loop_gives_what_transformers_generate_gives(tiny_model_dir, data
     assert ours[0] == unstopped and len(ours[1][longest]) <= middle
     monkeypatch.setattr(generation, "runs_greedy_loop", lambda model, config: False)
     assert ours == [generation.generate(model, tokenizer, prompts, config) for config in configs]
+
+
+def test_greedy_ignores_the_checkpoints_generation_defaults():
+    """A model's generation_config may sample or penalize repeats; greedy evaluation keeps only its token ids."""
+    saved = GenerationConfig(do_sample=True, temperature=0.6, repetition_penalty=1.3, no_repeat_ngram_size=3,
+                             bos_token_id=1, eos_token_id=[2, 7])
+    model, tokenizer = SimpleNamespace(generation_config=saved), SimpleNamespace(pad_token_id=0, eos_token_id=2)
+    config = generation.decoding_config(model, tokenizer, 32, stop=("###",))
+    assert not config.do_sample and config.repetition_penalty in (None, 1.0) and not config.no_repeat_ngram_size
+    assert (config.eos_token_id, config.bos_token_id, config.pad_token_id, config.stop_strings) == ([2, 7], 1, 0, ["###"])
 
 
 # Prompt tuning and p-tuning put virtual tokens before the padding: the case that needs equal-length batches.
