@@ -13,6 +13,7 @@ import torch
 from peft import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_pt_utils import BatchRebalanceSampler
 from transformers.trainer_utils import get_last_checkpoint
 
 from peft_ext.adapters import resolve
@@ -184,6 +185,24 @@ class TrainableState(TrainerCallback):
                         param.copy_(saved[name])
 
 
+class AdapterTrainer(Trainer):
+    """The HF Trainer with two savings that leave every loss and gradient as they were."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        if isinstance(sampler, BatchRebalanceSampler):
+            sampler.seed = self.args.data_seed  # the library seeds it with a constant
+        return sampler
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        # Batches are padded on the right, and in a causal LM no token attends to a later one, so the
+        # padding mask hides nothing a labelled token would see. Without it attention runs the plain
+        # causal kernel, which skips the masked half, instead of a dense masked one. (The Trainer counts
+        # real tokens from the mask of the batch it holds, which keeps it.)
+        inputs = {k: v for k, v in inputs.items() if k != "attention_mask"}
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+
 def make_trainer(
     model, tokenizer, train_set, val_set, *, output_dir, micro_batch_size, accumulation, num_epochs,
     max_steps, learning_rate, warmup_steps, eval_step, save_step, save_total_limit, group_by_length,
@@ -211,7 +230,11 @@ def make_trainer(
         save_steps=save_step,
         save_total_limit=save_total_limit,
         load_best_model_at_end=val_set is not None,
-        train_sampling_strategy="group_by_length" if group_by_length else "random",
+        # Without --group_by_length each optimizer step takes a random set of batch_size examples, as with
+        # plain random order, but sorts them by length before cutting them into micro batches (of varying
+        # size, balanced in cost): far less padding, and the same loss, a mean over all the step's label
+        # tokens however the step is cut (the Trainer divides by the step's label count).
+        train_sampling_strategy="group_by_length" if group_by_length else "batch_rebalance",
         activation_checkpointing=checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
         dataloader_pin_memory=torch.cuda.is_available(),
@@ -226,7 +249,7 @@ def make_trainer(
     )
     tokenizer.padding_side = "right"
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=8, label_pad_token_id=-100)
-    return Trainer(
+    return AdapterTrainer(
         model=model,
         args=args,
         train_dataset=train_set,
