@@ -297,7 +297,7 @@ def pyplot():
 def plot_accuracy(path: str, datasets: list[str], table: dict[str, dict[str, float]], title: str) -> None:
     groups = [*datasets, "Avg"] if len(datasets) > 1 else datasets
     width = 0.8 / len(table)
-    fig, ax = pyplot().subplots(figsize=(max(6.0, 0.4 * len(groups) * len(table) + 3), 4.5))
+    fig, ax = pyplot().subplots(figsize=(min(14.0, max(6.0, 0.3 * len(groups) * len(table) + 3)), 4.5))
     for i, (label, scores) in enumerate(table.items()):
         xs = [g + (i - (len(table) - 1) / 2) * width for g in range(len(groups))]
         bars = ax.bar(xs, [scores[d] for d in groups], width, label=label)
