@@ -101,7 +101,7 @@ def train(
         ffn: SIBO: inject at the MLP sites (see docs/adapters.md); default decided per method.
         prompt_template_name: template in templates/ (alpaca, alpaca_short, alpaca_legacy, llm_adapters, vicuna, chatml) or a JSON path.
         train_on_inputs: put loss on the prompt tokens too; False trains on the response only (default True; tiny False).
-        group_by_length: batch examples of similar length together (less padding, faster).
+        group_by_length: draw each step's examples from a similar length (without it, a step's random examples are still cut into length-sorted micro batches).
         use_gradient_checkpointing: recompute activations in backward to save memory.
         resume_from_checkpoint: a checkpoint-N/ folder (full resume), 'latest' (newest in output_dir), or a finished adapter folder (warm start).
         overwrite: allow writing into an output_dir that already holds a run.
