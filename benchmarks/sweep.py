@@ -247,6 +247,7 @@ def resource_tables(records: dict[str, dict]) -> tuple[str, str]:
             "peak_memory_kind": r["peak_memory_kind"],
             "wall_seconds": round(r["wall_seconds"], 1),
             "train_seconds": round(r["train_seconds"], 1),
+            "cpu_seconds": round(r["cpu_seconds"], 1) if r.get("cpu_seconds") is not None else None,
             "tokens_per_second": round(r["tokens_per_second"], 1),
             "steps": r["steps"],
             "final_train_loss": r["final_train_loss"],
@@ -255,12 +256,14 @@ def resource_tables(records: dict[str, dict]) -> tuple[str, str]:
     ]
     memory = {"gpu": "GPU", "cpu_rss": "RSS"}
     header = [
-        "Adapter", "Trainable params", "% of total", "Peak memory (MiB)", "Wall time (s)", "Tokens/s", "Steps", "Final loss"
+        "Adapter", "Trainable params", "% of total", "Peak memory (MiB)", "Wall time (s)", "CPU time (s)", "Tokens/s",
+        "Steps", "Final loss",
     ]
     md_rows = [
         [row["adapter"], f"{row['trainable_params']:,}", f"{row['trainable_percent']:.2f}",
          f"{row['peak_memory_mib']:,.0f} {memory.get(row['peak_memory_kind'], row['peak_memory_kind'])}",
-         f"{row['wall_seconds']:,.0f}", f"{row['tokens_per_second']:,.0f}", row["steps"],
+         f"{row['wall_seconds']:,.0f}", "–" if row["cpu_seconds"] is None else f"{row['cpu_seconds']:,.0f}",
+         f"{row['tokens_per_second']:,.0f}", row["steps"],
          "–" if row["final_train_loss"] is None else f"{row['final_train_loss']:.3f}"]
         for row in rows
     ]

@@ -65,6 +65,7 @@ def test_tables_and_plots_agree_with_run_and_metrics_files(finished):
         assert float(row["trainable_percent"]) == pytest.approx(run["trainable_percent"], abs=1e-4)
         assert float(row["peak_memory_mib"]) == pytest.approx(run["peak_memory_bytes"] / 2**20, abs=0.1)
         assert float(row["wall_seconds"]) == pytest.approx(run["wall_seconds"], abs=0.1)
+        assert float(row["cpu_seconds"]) == pytest.approx(run["cpu_seconds"], abs=0.1) and run["cpu_seconds"] > 0
         assert float(row["tokens_per_second"]) == pytest.approx(run["tokens_per_second"], abs=0.1)
         assert int(row["steps"]) == run["steps"] == 4
         assert f"| {adapter} | {run['trainable_params']:,} |" in resources_md
