@@ -86,6 +86,9 @@ def main(base_model: str = "", lora_weights: str = "",
          examples: int = 64, max_new_tokens: int = 0, threads: int = 1):
     """Measure on --lora_weights (default: tiny-math's LoRA, trained first if absent) or --base_model alone."""
     torch.set_num_threads(threads)
+    # The tokenizer's thread pool (batch encoding and decoding) would add its threads' CPU time, which swings
+    # with the machine's load, to a measurement made on `threads` torch threads.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not os.path.isfile(data_path):
         raise UsageError(f"{data_path} does not exist; data/README.md says how to fetch SVAMP, or pass --data_path")
     adapter_dir = lora_weights or ("" if base_model else bench_adapter())
@@ -123,7 +126,8 @@ def main(base_model: str = "", lora_weights: str = "",
     conditions = (f"{len(prompts)} SVAMP prompts, up to {budget} new tokens; model: {model_name}; greedy responses "
                   f"of {sum(lengths) / len(lengths):.0f} tokens on average (longest {max(lengths)}); device: "
                   f"{'cuda: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}, "
-                  f"{threads} torch thread(s) on a {os.cpu_count()}-core {platform.machine()} machine "
+                  f"{threads} torch thread(s), TOKENIZERS_PARALLELISM={os.environ['TOKENIZERS_PARALLELISM']}, "
+                  f"on a {os.cpu_count()}-core {platform.machine()} machine "
                   f"(load average {os.getloadavg()[0]:.1f} at the end); torch {torch.__version__}, "
                   f"transformers {transformers.__version__}")
     write_table(runs, conditions)
@@ -165,9 +169,9 @@ def write_table(runs: list[Run], conditions: str) -> None:
     # Ratios of the work each path costs: CPU time on a CPU, whose wall time other jobs may stretch;
     # wall time on a GPU, where the CPU time is mostly waiting.
     basis = "wall" if torch.cuda.is_available() else "CPU time"
-    cost = {run.label: run.wall if basis == "wall" else run.cpu for run in runs}
+    cost = (lambda run: run.wall) if basis == "wall" else (lambda run: run.cpu)  # noqa: E731
     # × (b): against the greedy one-at-a-time run of the same model (merged rows against the merged one)
-    one_at_a_time = {run.weights: run.label for run in runs if (run.batch, run.beams, run.kv_cache) == (1, 1, "on")}
+    one_at_a_time = {run.weights: run for run in runs if (run.batch, run.beams, run.kv_cache) == (1, 1, "on")}
     responses = {run.label: run.responses for run in runs}
     n = len(runs[0].responses)
     rows = [f"| path | batch | beams | KV cache | wall s | CPU s | examples/s | × (a), {basis} | × (b), {basis} | outputs equal to |",
@@ -177,11 +181,11 @@ def write_table(runs: list[Run], conditions: str) -> None:
         equal = sum(x == y for x, y in zip(run.responses, responses[run.same_as])) if run.same_as else None
         record = dict(path=run.label, batch_size=run.batch, num_beams=run.beams, kv_cache=run.kv_cache,
                       seconds=round(run.wall, 2), cpu_seconds=round(run.cpu, 2), examples_per_s=round(n / run.wall, 3),
-                      speedup_over_a=round(cost[runs[0].label] / cost[run.label], 2),
-                      speedup_over_b=round(cost[one_at_a_time[run.weights]] / cost[run.label], 2),
+                      speedup_over_a=round(cost(runs[0]) / cost(run), 2),
+                      speedup_over_b=round(cost(one_at_a_time[run.weights]) / cost(run), 2),
                       outputs_equal=f"{equal}/{n} of {run.same_as.split(',')[0]}" if run.same_as else "—")
         records.append(record)
-        rows.append(f"| {run.label} | {run.batch} | {run.beams} | {run.kv_cache} | {run.wall:.1f} | {run.cpu:.1f} | "
+        rows.append(f"| {run.label} | {run.batch} | {run.beams} | {run.kv_cache} | {run.wall:.2f} | {run.cpu:.2f} | "
                     f"{n / run.wall:.2f} | {record['speedup_over_a']:.1f}× | {record['speedup_over_b']:.1f}× | "
                     f"{record['outputs_equal']} |")
     table = "\n".join(rows) + f"\n\n{conditions}\n"

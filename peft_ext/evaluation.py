@@ -24,7 +24,7 @@ from peft_ext import answers
 from peft_ext.answers import Benchmark
 from peft_ext.errors import UsageError
 from peft_ext.files import write_json_atomic
-from peft_ext.generation import decoding_config, generate, pads_safely
+from peft_ext.generation import SharedPrefix, decoding_config, generate, pads_safely
 
 PREDICTIONS = "predictions.jsonl"
 SETTINGS = "settings.json"
@@ -267,11 +267,13 @@ class Evaluation:
         log = os.path.join(folder, PREDICTIONS if ranks.world == 1 else f"predictions.rank{ranks.rank}.jsonl")
         drop_partial_line(log)
 
+        prefix = SharedPrefix(tokenizer, [prompts[i] for i in mine]) if mine else None
+
         start, correct, scored = time.perf_counter(), 0, 0
         bar = tqdm(total=len(mine), desc=benchmark.name, disable=not ranks.main, dynamic_ncols=True)
         with open(log, "a") as out:
             for batch in batches(mine, lengths, self.batch_size, equal_lengths=not pads_safely(model)):
-                responses = generate(model, tokenizer, [prompts[i] for i in batch], config)
+                responses = generate(model, tokenizer, [prompts[i] for i in batch], config, prefix)
                 for i, response in zip(batch, responses):
                     label = str(task.examples[i]["answer"]).strip()
                     prediction = benchmark.extract(response, self.answer_rule)

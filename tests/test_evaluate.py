@@ -10,6 +10,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from checkpoints import make_checkpoint
@@ -96,21 +97,50 @@ def test_batched_equals_one_at_a_time_other_families(tmp_path, tiny_model_dir, d
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_loop_gives_what_transformers_generate_gives(tiny_model_dir, data_dir, family, monkeypatch):
-    """Our greedy loop drops each row from the batch and its KV cache as it ends; the responses must be
-    transformers' own greedy ones, with a stop string that ends one row early and with none."""
+    """Our greedy loop reads the prompts after the shared prefix's KV cache (padding between the two), in
+    chunks of like lengths, into a cache that grows in place and drops each row as it ends; the responses must
+    be transformers' greedy ones for each prompt alone, unpadded, with a stop string that ends one row early
+    and with none."""
     model, tokenizer = load_for_inference(resolve_checkpoint(tiny_model_dir(family)))
     records = json.load(open(os.path.join(data_dir, "SVAMP", "test.json")))[:5]
     prompts = [Prompter.load("alpaca").prompt(r["instruction"]) for r in records]
+    rows = tokenizer(prompts)["input_ids"]
+    prefix = generation.SharedPrefix(tokenizer, prompts)
+    assert len(prefix.ids) > 10 and generation.prefix_fits(model, prefix, rows, 24)
+    assert len({len(row) for row in rows}) > 2  # rows padded by different amounts
+    monkeypatch.setattr(generation, "PREFILL_ROWS", 2)  # chunks of different lengths, merged into one cache
+    monkeypatch.setattr(generation, "CACHE_GROWTH", 5)  # the cache grows several times
     assert generation.runs_greedy_loop(model, generation.decoding_config(model, tokenizer, 24))
-    unstopped = generation.generate(model, tokenizer, prompts, generation.decoding_config(model, tokenizer, 24))
+    unstopped = generation.generate(model, tokenizer, prompts, generation.decoding_config(model, tokenizer, 24), prefix)
     longest = max(range(len(prompts)), key=lambda i: len(unstopped[i]))
     middle = len(unstopped[longest]) // 2
     stop = unstopped[longest][middle:middle + 3]  # text that row produces: it ends there, others may go on
     configs = [generation.decoding_config(model, tokenizer, 24, stop=s) for s in [(), (stop,)]]
-    ours = [generation.generate(model, tokenizer, prompts, config) for config in configs]
+    ours = [generation.generate(model, tokenizer, prompts, config, prefix) for config in configs]
     assert ours[0] == unstopped and len(ours[1][longest]) <= middle
+    assert ours == [generation.generate(model, tokenizer, prompts, config) for config in configs]  # no prefix: left padding
     monkeypatch.setattr(generation, "runs_greedy_loop", lambda model, config: False)
-    assert ours == [generation.generate(model, tokenizer, prompts, config) for config in configs]
+    assert ours == [[generation.generate(model, tokenizer, [prompt], config)[0] for prompt in prompts] for config in configs]
+
+
+def test_shared_prefix_is_the_common_token_prefix(tiny_model_dir):
+    """Tokens, not text: prompts that share "Tom has 3 app" but tokenize it differently share only what their
+    tokens share; a prompt that is all prefix keeps its last token; and a window the padding could shift
+    (GPT-Neo's local attention) turns the prefix off."""
+    _, tokenizer = load_for_inference(resolve_checkpoint(tiny_model_dir("llama")))
+    prompts = ["Tom has 3 apples and", "Tom has 3 apply", "Tom has 3 apples and 5"]
+    rows = tokenizer(prompts)["input_ids"]
+    prefix = generation.SharedPrefix(tokenizer, prompts)
+    common = next(i for i, column in enumerate(zip(*rows)) if len(set(column)) > 1)
+    assert prefix.ids == rows[0][:common] and tokenizer.decode(prefix.ids) != "<s>Tom has 3 app"
+    assert generation.SharedPrefix(tokenizer, prompts[::2]).ids == rows[0][:-1]
+    windowed = SimpleNamespace(config=SimpleNamespace(window_size=len(rows[2]) + 23))
+    assert generation.prefix_fits(windowed, prefix, rows, 23) and not generation.prefix_fits(windowed, prefix, rows, 24)
+
+
+def test_finished_rows_leave_by_the_fewest_moves():
+    finished = torch.tensor([False, True, False, True, False, False])
+    assert generation.survivors(finished).tolist() == [0, 4, 2, 5]  # rows 0 and 2 stay; 4 and 5 take 1's and 3's places
 
 
 def test_greedy_ignores_the_checkpoints_generation_defaults():
@@ -158,11 +188,11 @@ def test_resume_after_interruption_redoes_nothing(tmp_path, checkpoint, data_dir
 
     real_generate, calls = evaluation.generate, []
 
-    def generate_then_crash(model, tokenizer, prompts, config):
+    def generate_then_crash(model, tokenizer, prompts, config, prefix):
         if len(calls) == 2:
             raise KeyboardInterrupt  # the third batch never finishes
         calls.append(prompts)
-        return real_generate(model, tokenizer, prompts, config)
+        return real_generate(model, tokenizer, prompts, config, prefix)
 
     monkeypatch.setattr("peft_ext.evaluation.generate", generate_then_crash)
     with pytest.raises(KeyboardInterrupt):
@@ -173,7 +203,7 @@ def test_resume_after_interruption_redoes_nothing(tmp_path, checkpoint, data_dir
         f.write('{"index": 7, "prompt": "Below is')  # a line cut short by the crash
 
     seen = []
-    monkeypatch.setattr("peft_ext.evaluation.generate", lambda m, t, p, c: seen.extend(p) or real_generate(m, t, p, c))
+    monkeypatch.setattr("peft_ext.evaluation.generate", lambda m, t, p, c, x: seen.extend(p) or real_generate(m, t, p, c, x))
     run(tmp_path / "interrupted", **flags)
     done_first = {prompt for batch in calls for prompt in batch}
     assert len(seen) == 4 and not done_first & set(seen)  # only the four missing examples were generated
