@@ -16,6 +16,7 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, Train
 from transformers.trainer_pt_utils import BatchRebalanceSampler
 from transformers.trainer_utils import get_last_checkpoint
 
+from peft_ext import packing as packing_module
 from peft_ext.adapters import resolve
 from peft_ext.errors import UsageError
 from peft_ext.files import write_json_atomic
@@ -186,7 +187,24 @@ class TrainableState(TrainerCallback):
 
 
 class AdapterTrainer(Trainer):
-    """The HF Trainer with two savings that leave every loss and gradient as they were."""
+    """The HF Trainer with savings that leave every loss and gradient as they were.
+
+    `packed_collator`, when given, collates the training batches (peft_ext.packing); `data_collator` still pads
+    the evaluation ones, whose loss the Trainer weights by each batch's row count.
+    """
+
+    def __init__(self, *args, packed_collator=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.packed_collator = packed_collator
+
+    def get_train_dataloader(self):
+        if self.packed_collator is None:
+            return super().get_train_dataloader()
+        padded, self.data_collator = self.data_collator, self.packed_collator
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.data_collator = padded
 
     def _get_train_sampler(self, train_dataset=None):
         sampler = super()._get_train_sampler(train_dataset)
@@ -197,17 +215,25 @@ class AdapterTrainer(Trainer):
     def compute_loss(self, model, inputs, *args, **kwargs):
         # Batches are padded on the right, and in a causal LM no token attends to a later one, so the
         # padding mask hides nothing a labelled token would see. Without it attention runs the plain
-        # causal kernel, which skips the masked half, instead of a dense masked one. (The Trainer counts
-        # real tokens from the mask of the batch it holds, which keeps it.)
+        # causal kernel, which skips the masked half, instead of a dense masked one. A packed batch's mask
+        # is all ones. (The Trainer counts real tokens from the mask of the batch it holds, which keeps it.)
         inputs = {k: v for k, v in inputs.items() if k != "attention_mask"}
         return super().compute_loss(model, inputs, *args, **kwargs)
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        if not packing_module.is_packed(inputs):
+            return super().training_step(model, inputs, *args, **kwargs)
+        # Around backward too: gradient checkpointing runs the layers' forward again there.
+        with packing_module.attention_for(self.accelerator.unwrap_model(model)):
+            return super().training_step(model, inputs, *args, **kwargs)
 
 
 def make_trainer(
     model, tokenizer, train_set, val_set, *, output_dir, micro_batch_size, accumulation, num_epochs,
     max_steps, learning_rate, warmup_steps, eval_step, save_step, save_total_limit, group_by_length,
-    checkpointing, seed, report: Reporting, resume_dir: str | None = None,
+    checkpointing, seed, report: Reporting, resume_dir: str | None = None, packing: bool = True,
 ) -> Trainer:
+    """The Trainer finetune.py trains with; `packing` packs each micro batch into one row where the model allows."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     dtype = precision()
     args = TrainingArguments(
@@ -249,12 +275,15 @@ def make_trainer(
     )
     tokenizer.padding_side = "right"
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=8, label_pad_token_id=-100)
+    longest = max(len(ids) for ids in train_set["input_ids"]) if train_set is not None else 0
+    packs = packing and packing_module.supports(model, longest)
     return AdapterTrainer(
         model=model,
         args=args,
         train_dataset=train_set,
         eval_dataset=val_set,
         data_collator=collator,
+        packed_collator=packing_module.PackingCollator() if packs else None,
         processing_class=tokenizer,
         callbacks=[ThroughputMeter(), TrainableState(model, resume_dir)],
     )

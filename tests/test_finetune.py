@@ -1,4 +1,5 @@
 """finetune.py end to end on tiny offline models: learning, saving, reloading, resuming, refusing."""
+import functools
 import json
 import os
 import subprocess
@@ -141,6 +142,26 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(method, tiny_model_dir
     assert straight.keys() == resumed.keys()
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], rtol=1e-5, atol=1e-6)
+
+
+# Families without dropout in the base model: dropout masks are drawn per batch shape, so packed and padded
+# batches would draw different (equally likely) ones.
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+def test_packed_training_learns_what_padded_training_learns(family, tiny_model_dir, data_file, tmp_path, monkeypatch):
+    """finetune.py packs micro batches where it can (peft_ext.packing); ten steps land on the padded path's adapter."""
+    base = tiny_model_dir(family)
+    finetune.train(**quick_args(base, data_file, tmp_path / "packed", max_steps=10, lora_dropout=0.0))
+    monkeypatch.setattr(training, "make_trainer", functools.partial(training.make_trainer, packing=False))
+    finetune.train(**quick_args(base, data_file, tmp_path / "padded", max_steps=10, lora_dropout=0.0))
+    packed = load_file(tmp_path / "packed" / "adapter_model.safetensors")
+    padded = load_file(tmp_path / "padded" / "adapter_model.safetensors")
+    for key in padded:
+        torch.testing.assert_close(packed[key], padded[key], rtol=1e-4, atol=1e-5)
+    records = [json.loads((tmp_path / run / "run.json").read_text()) for run in ("packed", "padded")]
+    assert records[0]["tokens_seen"] == records[1]["tokens_seen"]
+    assert json.loads((tmp_path / "packed" / "adapter_config.json").read_text()) == json.loads(
+        (tmp_path / "padded" / "adapter_config.json").read_text()
+    )
 
 
 def test_warm_start_from_finished_adapter(tiny_model_dir, data_file, tmp_path, captured):

@@ -1,10 +1,10 @@
 """finetune.py's faster batching learns what plain random-order, padded batching learns."""
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
+from transformers import AutoConfig, AutoModelForCausalLM, DataCollatorForSeq2Seq
 from transformers.trainer_pt_utils import BatchRebalanceSampler
 
-from peft_ext import adapters, training
+from peft_ext import adapters, packing, training
 from peft_ext.modeling import load_tokenizer
 from tiny import FAMILIES
 
@@ -25,9 +25,16 @@ def examples(tokenizer, texts):
     return [{"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)} for ids in tokenizer(texts)["input_ids"]]
 
 
-def adapted(base_dir, method="lora"):
+def adapted(base_dir, method="lora", dropout=True):
+    """The tiny model with the adapter; `dropout=False` zeroes the base model's dropout rates (gpt2's, opt's)."""
+    config = AutoConfig.from_pretrained(base_dir)
+    if not dropout:
+        for name, value in config.to_dict().items():
+            if ("dropout" in name or "pdrop" in name) and isinstance(value, float):
+                setattr(config, name, 0.0)
     torch.manual_seed(0)
-    return adapters.build(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), method, dict(OPTIONS))
+    base = AutoModelForCausalLM.from_pretrained(base_dir, config=config, dtype=torch.float32)
+    return adapters.build(base, method, dict(OPTIONS))
 
 
 def loss_and_grads(model, batches, num_items=None):
@@ -116,3 +123,84 @@ def test_each_step_is_a_seeded_random_set_of_batch_size_examples_sorted_by_lengt
     assert any(max(s) - min(s) > 16 for s in steps)
     assert micro_batches(llama, tmp_path, seed=1)[1] == micro
     assert micro_batches(llama, tmp_path, seed=2)[1] != micro
+
+
+def packing_trainer(base, method, tmp_path, features, dropout=True, **kwargs):
+    from datasets import Dataset
+
+    tokenizer = load_tokenizer(base)
+    model = adapted(base, method, dropout)
+    options = dict(
+        output_dir=str(tmp_path), micro_batch_size=2, accumulation=2, num_epochs=1, max_steps=-1, learning_rate=1e-3,
+        warmup_steps=0, eval_step=1, save_step=100, save_total_limit=1, group_by_length=False, checkpointing=False,
+        seed=0, report=training.Reporting(["none"], None),
+    )
+    trainer = training.make_trainer(model, tokenizer, Dataset.from_list(features), None, **{**options, **kwargs})
+    return model, tokenizer, trainer
+
+
+PACKED_METHODS = ["lora", "dora", "ia3", "bottleneck"]
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("method", PACKED_METHODS)
+@pytest.mark.parametrize("family", sorted(packing.FAMILIES))
+def test_a_packed_step_has_the_padded_steps_loss_and_gradients(family, method, checkpointing, tiny_model_dir, tmp_path):
+    """One optimizer step's micro batches through the Trainer's training_step, against one padded batch of them."""
+    base = tiny_model_dir(family)
+    features = examples(load_tokenizer(base), [TEXTS[i % 4][: 15 + 9 * i] for i in range(4)])
+    model, tokenizer, trainer = packing_trainer(base, method, tmp_path, features, checkpointing=checkpointing, dropout=False)
+    step, num_items = trainer.get_batch_samples(iter(trainer.get_train_dataloader()), 2, "cpu")
+    assert [b["input_ids"].shape[0] for b in step] == [1, 1]  # each micro batch is one packed row
+    assert num_items == sum(len(f["input_ids"]) - 1 for f in features)  # every label token of the step, once
+
+    model.zero_grad()
+    packed_loss = sum(trainer.training_step(model, batch, num_items).item() for batch in step)
+    packed_grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    tokenizer.padding_side = "right"
+    padded = loss_and_grads(model, [DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)(features)])
+    assert packed_loss == pytest.approx(padded[0], rel=1e-5)
+    for got, want in zip(packed_grads, padded[1]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("family", "method", "packing_flag"),
+    [("bloom", "lora", True), ("gptj", "lora", True), ("gpt_neo", "lora", True), ("llama", "prefix-tuning", True),
+     ("llama", "p-tuning", True), ("llama", "prompt-tuning", True), ("llama", "lora", False)],
+)
+def test_other_families_methods_and_packing_off_train_on_padded_batches(family, method, packing_flag, tiny_model_dir, tmp_path):
+    base = tiny_model_dir(family)
+    features = examples(load_tokenizer(base), TEXTS)
+    _, _, trainer = packing_trainer(base, method, tmp_path, features, packing=packing_flag)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert trainer.packed_collator is None and batch["input_ids"].shape[0] == 2 and "cu_seq_lens_q" not in batch
+
+
+def test_examples_longer_than_a_sliding_window_are_not_packed(tiny_model_dir, tmp_path):
+    base = tiny_model_dir("mistral")
+    features = examples(load_tokenizer(base), TEXTS)
+    model, _, trainer = packing_trainer(base, "lora", tmp_path, features)
+    assert trainer.packed_collator is not None
+    model.get_base_model().config.sliding_window = 8
+    assert not packing.supports(model, longest=max(len(f["input_ids"]) for f in features))
+
+
+def test_packed_training_counts_real_tokens_and_leaves_the_models_attention_as_it_was(llama, tmp_path):
+    from datasets import Dataset
+
+    features = examples(load_tokenizer(llama), TEXTS)
+    model, _, trainer = packing_trainer(llama, "lora", tmp_path, features)
+    config = model.get_base_model().config
+    own = config._attn_implementation
+    seen = []
+    model.get_base_model().register_forward_pre_hook(lambda module, args: seen.append(config._attn_implementation))
+    trainer.eval_dataset = Dataset.from_list(features)
+    trainer.train()
+    assert trainer.state.global_step == 1 and seen == [packing.IMPLEMENTATION] * 2
+    assert trainer.state.num_input_tokens_seen == sum(len(f["input_ids"]) for f in features)
+    assert config._attn_implementation == own
+    evaluation = next(iter(trainer.get_eval_dataloader()))  # evaluation keeps padded batches and the own attention
+    assert evaluation["input_ids"].shape[0] == 2 and "cu_seq_lens_q" not in evaluation
+    trainer.evaluate()
+    assert seen[2:] == [own, own]
