@@ -3,9 +3,10 @@
     python benchmarks/train_throughput.py                  # tiny-math, 1,024 math examples, cutoff 512
     python benchmarks/train_throughput.py --cutoff_len 256 --rounds 2
 
-In one process, on the same model, adapter init and tokenized examples, both setups train one epoch:
+In one process, on the same model, adapter init and tokenized examples, each setup trains one epoch:
 (a) the usual alpaca-lora setup: HF Trainer, random order, every micro batch padded to its longest;
-(b) finetune.py's path, `peft_ext.training.make_trainer`.
+(b) finetune.py's path, `peft_ext.training.make_trainer` (each micro batch packed into one row);
+(c) the same with `packing=False` (length-sorted micro batches, each padded to its longest).
 Each reports real (non-pad) tokens per second of training, timed apart from the evaluations, and the
 held-out loss every few steps, from which "steps to equal loss" is read. Figures go to
 benchmarks/results/train_throughput.{json,md}.
@@ -116,7 +117,7 @@ def alpaca_lora_trainer(model, tokenizer, train_set, args, output_dir) -> Traine
     return Trainer(model=model, args=arguments, train_dataset=train_set, data_collator=collator)
 
 
-def finetune_trainer(model, tokenizer, train_set, args, output_dir) -> Trainer:
+def finetune_trainer(model, tokenizer, train_set, args, output_dir, packing=True) -> Trainer:
     """(b) finetune.py's path, called as finetune.py calls it, with no validation set and no saving."""
     return training.make_trainer(
         model, tokenizer, train_set, None,
@@ -124,12 +125,13 @@ def finetune_trainer(model, tokenizer, train_set, args, output_dir) -> Trainer:
         accumulation=args.batch_size // args.micro_batch_size, num_epochs=1, max_steps=-1,
         learning_rate=args.learning_rate, warmup_steps=args.warmup_steps, eval_step=1,
         save_step=10**9, save_total_limit=1, group_by_length=False, checkpointing=False, seed=args.seed,
-        report=training.Reporting(["none"], None),
+        report=training.Reporting(["none"], None), packing=packing,
     )
 
 
 SETUPS = {"a": ("(a) alpaca-lora style: random order, pad to longest", alpaca_lora_trainer),
-          "b": ("(b) finetune.py path", finetune_trainer)}
+          "b": ("(b) finetune.py path (packed micro batches)", finetune_trainer),
+          "c": ("(c) finetune.py path, packing off", lambda *a: finetune_trainer(*a, packing=False))}
 
 
 def run(setup, tokenizer, train_set, eval_batches, args) -> dict:
@@ -138,7 +140,10 @@ def run(setup, tokenizer, train_set, eval_batches, args) -> dict:
     model = adapters.build(model, "lora", LORA)
     with tempfile.TemporaryDirectory() as output_dir:
         trainer = SETUPS[setup][1](model, tokenizer, train_set, args, output_dir)
-        trainer.data_collator = counter = CountingCollator(trainer.data_collator)
+        # The collator of the training batches: the packing one where make_trainer packs.
+        attribute = "packed_collator" if getattr(trainer, "packed_collator", None) else "data_collator"
+        counter = CountingCollator(getattr(trainer, attribute))
+        setattr(trainer, attribute, counter)
         meter = Meter(model, eval_batches, args.eval_every)
         trainer.add_callback(meter)
         trainer.train()
@@ -174,7 +179,8 @@ def summarize(runs: list[dict]) -> dict:
         }
     return {"common_loss": common, "rows": rows,
             "ratio_cpu": rows["b"]["tokens_per_cpu_second"] / rows["a"]["tokens_per_cpu_second"],
-            "ratio_wall": rows["b"]["tokens_per_wall_second"] / rows["a"]["tokens_per_wall_second"]}
+            "ratio_wall": rows["b"]["tokens_per_wall_second"] / rows["a"]["tokens_per_wall_second"],
+            "ratio_c_cpu": rows["c"]["tokens_per_cpu_second"] / rows["a"]["tokens_per_cpu_second"]}
 
 
 def markdown(summary: dict, meta: dict) -> str:
@@ -210,7 +216,7 @@ def main():
     parser.add_argument("--learning_rate", type=float, default=3e-3)
     parser.add_argument("--warmup_steps", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=1, help="rounds of a, b, b, a order (ABBA cancels load drift)")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds of a, b, c, c, b, a order (cancels load drift)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results", "train_throughput"))
     args = parser.parse_args()
@@ -228,7 +234,7 @@ def main():
     eval_batches = [pad([held_out[i] for i in range(j, min(j + 16, len(held_out)))]) for j in range(0, len(held_out), 16)]
 
     load_before = os.getloadavg()[0]
-    order = ["a", "b", "b", "a"] * (args.rounds // 2) + ["a", "b"] * (args.rounds % 2)
+    order = ["a", "b", "c", "c", "b", "a"] * (args.rounds // 2) + ["a", "b", "c"] * (args.rounds % 2)
     runs = []
     for setup in order:
         runs.append(run(setup, tokenizer, train_set, eval_batches, args))
@@ -244,7 +250,8 @@ def main():
     }
     table = markdown(summary, meta)
     print(table)
-    print(f"ratio (b)/(a): {summary['ratio_cpu']:.2f}× in CPU time, {summary['ratio_wall']:.2f}× in wall time")
+    print(f"ratio (b)/(a): {summary['ratio_cpu']:.2f}× in CPU time, {summary['ratio_wall']:.2f}× in wall time; "
+          f"(c)/(a): {summary['ratio_c_cpu']:.2f}× in CPU time")
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output + ".json", "w") as f:
         json.dump({"meta": meta, "args": vars(args), "summary": summary, "runs": runs}, f, indent=1)

@@ -11,6 +11,7 @@ The attention is switched on around the forward pass of a packed batch only (`at
 generation and every saved config see the model's own implementation.
 """
 import contextlib
+from itertools import pairwise
 
 import torch
 from transformers import AttentionInterface, DataCollatorWithFlattening
@@ -34,7 +35,7 @@ def per_example_causal_attention(
     if cu_seq_lens_q is None or attention_mask is not None:
         raise ValueError(f"{IMPLEMENTATION} attention needs a packed batch (cu_seq_lens_q) and no attention mask")
     bounds = cu_seq_lens_q.tolist()
-    if sliding_window is not None and max(b - a for a, b in zip(bounds, bounds[1:])) > sliding_window:
+    if sliding_window is not None and max(b - a for a, b in pairwise(bounds)) > sliding_window:
         raise ValueError(f"{IMPLEMENTATION} attention does not apply a sliding window; an example is longer than it")
     gqa = query.shape[1] != key.shape[1]
     outputs = [
@@ -42,7 +43,7 @@ def per_example_causal_attention(
             query[:, :, a:b], key[:, :, a:b], value[:, :, a:b],
             dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa,
         )
-        for a, b in zip(bounds, bounds[1:])
+        for a, b in pairwise(bounds)
     ]
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
