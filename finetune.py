@@ -54,6 +54,7 @@ def train(
     prompt_template_name: str = "alpaca",
     train_on_inputs: bool = None,
     group_by_length: bool = False,
+    packing: bool = True,
     use_gradient_checkpointing: bool = False,
     resume_from_checkpoint=None,
     overwrite: bool = False,
@@ -102,6 +103,7 @@ def train(
         prompt_template_name: template in templates/ (alpaca, alpaca_short, alpaca_legacy, llm_adapters, vicuna, chatml) or a JSON path.
         train_on_inputs: put loss on the prompt tokens too; False trains on the response only (default True; tiny False).
         group_by_length: draw each step's examples from a similar length (without it, a step's random examples are still cut into length-sorted micro batches).
+        packing: put each micro batch's examples in one row without padding, attention kept within each example (the same loss and gradients; LoRA, DoRA, (IA)3 and bottleneck adapters on llama, mistral, qwen2, opt, gpt2 and gpt_neox; other cases use padded batches).
         use_gradient_checkpointing: recompute activations in backward to save memory.
         resume_from_checkpoint: a checkpoint-N/ folder (full resume), 'latest' (newest in output_dir), or a finished adapter folder (warm start).
         overwrite: allow writing into an output_dir that already holds a run.
@@ -153,7 +155,7 @@ def train(
         output_dir=output_dir, micro_batch_size=micro_batch_size, accumulation=accumulation,
         num_epochs=num_epochs, max_steps=max_steps, learning_rate=learning_rate,
         warmup_steps=warmup_steps, eval_step=eval_step, save_step=save_step,
-        save_total_limit=save_total_limit, group_by_length=group_by_length,
+        save_total_limit=save_total_limit, group_by_length=group_by_length, packing=packing,
         checkpointing=use_gradient_checkpointing, seed=seed, report=report, resume_dir=resume.checkpoint,
     )
     result = trainer.train(resume_from_checkpoint=resume.checkpoint)
