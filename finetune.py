@@ -103,7 +103,7 @@ def train(
         prompt_template_name: template in templates/ (alpaca, alpaca_short, alpaca_legacy, llm_adapters, vicuna, chatml) or a JSON path.
         train_on_inputs: put loss on the prompt tokens too; False trains on the response only (default True; tiny False).
         group_by_length: draw each step's examples from a similar length (without it, a step's random examples are still cut into length-sorted micro batches).
-        packing: put each micro batch's examples in one row without padding, attention kept within each example (the same loss and gradients; LoRA, DoRA, (IA)3 and bottleneck adapters on llama, mistral, qwen2, opt, gpt2 and gpt_neox; other cases use padded batches).
+        packing: on a CPU, put each micro batch's examples in one row without padding, attention kept within each example (the same loss and gradients; LoRA, DoRA, (IA)3 and bottleneck adapters on llama, mistral, qwen2, opt, gpt2 and gpt_neox; other cases, and GPUs, where it is slower, use padded batches).
         use_gradient_checkpointing: recompute activations in backward to save memory.
         resume_from_checkpoint: a checkpoint-N/ folder (full resume), 'latest' (newest in output_dir), or a finished adapter folder (warm start).
         overwrite: allow writing into an output_dir that already holds a run.

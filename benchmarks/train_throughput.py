@@ -12,6 +12,7 @@ held-out loss every few steps, from which "steps to equal loss" is read. Figures
 benchmarks/results/train_throughput.{json,md}.
 """
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -28,20 +29,28 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments, set_seed  # noqa: E402
 
+import finetune  # noqa: E402
 from peft_ext import adapters, training  # noqa: E402
 from peft_ext.data import load_data, tokenize  # noqa: E402
-from peft_ext.modeling import load_base_model, load_tokenizer  # noqa: E402
+from peft_ext.modeling import load_base_model, load_tokenizer, precision  # noqa: E402
 from peft_ext.prompts import Prompter  # noqa: E402
 
-LORA = {  # finetune.py's defaults for the adapter
-    "target_modules": None, "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "num_virtual_tokens": 30,
-    "bottleneck_size": 256, "non_linearity": "tanh", "adapter_dropout": 0.0, "use_parallel_adapter": False,
-    "use_adapterp": False, "scaling": 1.0, "init_weights": "bert", "embedding_lambda": 0.0, "ffn": None,
-}
+# finetune.py's defaults for the adapter (LoRA r 8 on q_proj, v_proj)
+LORA = {flag: inspect.signature(finetune.train).parameters[flag].default for flag in training.ADAPTER_FLAGS}
+
+
+# The cost the ratios compare: CPU time on a CPU, which other jobs on a shared machine barely change; wall
+# time on a GPU, where the CPU mostly waits.
+BASIS = "wall" if torch.cuda.is_available() else "CPU"
 
 
 class Meter(TrainerCallback):
     """CPU and wall seconds of training alone, and the held-out loss every `every` steps (not timed)."""
+
+    @staticmethod
+    def _sync():
+        if torch.cuda.is_available():  # a GPU runs behind the Python that queued the work
+            torch.cuda.synchronize()
 
     def __init__(self, model, eval_batches, every):
         self.model, self.eval_batches, self.every = model, eval_batches, every
@@ -49,9 +58,11 @@ class Meter(TrainerCallback):
         self.curve = []
 
     def _start(self):
+        self._sync()
         self.cpu0, self.wall0 = time.process_time(), time.perf_counter()
 
     def _stop(self):
+        self._sync()
         self.cpu += time.process_time() - self.cpu0
         self.wall += time.perf_counter() - self.wall0
 
@@ -76,7 +87,7 @@ class Meter(TrainerCallback):
         with torch.no_grad():
             for batch in self.eval_batches:
                 n = int((batch["labels"][:, 1:] != -100).sum())
-                total += self.model(**batch).loss.item() * n
+                total += self.model(**{k: v.to(self.model.device) for k, v in batch.items()}).loss.item() * n
                 count += n
         self.model.train(was_training)
         return total / count
@@ -104,6 +115,8 @@ def alpaca_lora_trainer(model, tokenizer, train_set, args, output_dir) -> Traine
         learning_rate=args.learning_rate,
         warmup_steps=args.warmup_steps,
         optim="adamw_torch",
+        bf16=precision() == "bf16",  # as finetune.py: alpaca-lora's fp16 autocast, in bf16 where the GPU has it
+        fp16=precision() == "fp16",
         logging_steps=10,
         save_strategy="no",
         report_to="none",
@@ -188,15 +201,16 @@ def markdown(summary: dict, meta: dict) -> str:
         f"`{meta['command']}`", "",
         f"{meta['device']}, {meta['threads']} torch thread(s), torch {meta['torch']}, transformers {meta['transformers']}; "
         f"load average {meta['load_before']} before, {meta['load_after']} after.", "",
-        "| setup | real tokens/s (CPU time) | real tokens/s (wall) | × (a), CPU | padding | steps | "
+        f"| setup | real tokens/s (CPU time) | real tokens/s (wall) | × (a), {BASIS} | padding | steps | "
         f"steps to held-out loss {summary['common_loss']:.4f} | final held-out loss |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    a = summary["rows"]["a"]["tokens_per_cpu_second"]
+    key = "tokens_per_wall_second" if BASIS == "wall" else "tokens_per_cpu_second"
+    a = summary["rows"]["a"][key]
     for s, row in summary["rows"].items():
         lines.append(
             f"| {SETUPS[s][0]} | {row['tokens_per_cpu_second']:.0f} | {row['tokens_per_wall_second']:.0f} | "
-            f"{row['tokens_per_cpu_second'] / a:.2f}× | {row['padding_percent']:.1f}% | {row['steps']} | "
+            f"{row[key] / a:.2f}× | {row['padding_percent']:.1f}% | {row['steps']} | "
             f"{', '.join(str(x) for x in row['steps_to_common_loss'])} | "
             f"{', '.join(str(x) for x in row['final_held_out_loss'])} |"
         )
@@ -244,7 +258,8 @@ def main():
     summary = summarize(runs)
     meta = {
         "command": "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:]),
-        "device": f"{platform.machine()} CPU, {os.cpu_count()} cores", "threads": args.threads,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.machine()} CPU, {os.cpu_count()} cores",
+        "threads": args.threads,
         "torch": torch.__version__, "transformers": transformers.__version__,
         "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2),
     }

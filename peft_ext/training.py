@@ -233,7 +233,8 @@ def make_trainer(
     max_steps, learning_rate, warmup_steps, eval_step, save_step, save_total_limit, group_by_length,
     checkpointing, seed, report: Reporting, resume_dir: str | None = None, packing: bool = True,
 ) -> Trainer:
-    """The Trainer finetune.py trains with; `packing` packs each micro batch into one row where the model allows."""
+    """The Trainer finetune.py trains with; `packing` packs each micro batch into one row where the model allows
+    and it saves time (on a CPU)."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     dtype = precision()
     args = TrainingArguments(
@@ -276,7 +277,7 @@ def make_trainer(
     tokenizer.padding_side = "right"
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=8, label_pad_token_id=-100)
     longest = max(len(ids) for ids in train_set["input_ids"]) if train_set is not None else 0
-    packs = packing and packing_module.supports(model, longest)
+    packs = packing and packing_module.supports(model, longest) and packing_module.faster(model)
     return AdapterTrainer(
         model=model,
         args=args,

@@ -177,6 +177,20 @@ def test_other_families_methods_and_packing_off_train_on_padded_batches(family, 
     assert trainer.packed_collator is None and batch["input_ids"].shape[0] == 2 and "cu_seq_lens_q" not in batch
 
 
+def test_a_model_on_a_gpu_trains_on_padded_batches(tiny_model_dir, tmp_path, monkeypatch):
+    """Packing is slower than length-sorted padding on a GPU (benchmarks/README.md), so a model there is not packed."""
+    base = tiny_model_dir("llama")
+    features = examples(load_tokenizer(base), TEXTS)
+    model, _, trainer = packing_trainer(base, "lora", tmp_path, features)
+    assert trainer.packed_collator is not None and packing.faster(model)
+    with monkeypatch.context() as patch:
+        patch.setattr(type(model), "device", property(lambda self: torch.device("cuda", 0)), raising=False)
+        assert not packing.faster(model)
+    monkeypatch.setattr(packing, "faster", lambda model: False)
+    _, _, on_gpu = packing_trainer(base, "lora", tmp_path, features)
+    assert on_gpu.packed_collator is None and "cu_seq_lens_q" not in next(iter(on_gpu.get_train_dataloader()))
+
+
 def test_examples_longer_than_a_sliding_window_are_not_packed(tiny_model_dir, tmp_path):
     base = tiny_model_dir("mistral")
     features = examples(load_tokenizer(base), TEXTS)
