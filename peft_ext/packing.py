@@ -34,16 +34,16 @@ def per_example_causal_attention(
     """Causal attention within each packed example; (1, heads, tokens, dim) in, (1, tokens, heads, dim) out."""
     if cu_seq_lens_q is None or attention_mask is not None:
         raise ValueError(f"{IMPLEMENTATION} attention needs a packed batch (cu_seq_lens_q) and no attention mask")
-    bounds = cu_seq_lens_q.tolist()
-    if sliding_window is not None and max(b - a for a, b in pairwise(bounds)) > sliding_window:
+    lengths = [b - a for a, b in pairwise(cu_seq_lens_q.tolist())]
+    if sliding_window is not None and max(lengths) > sliding_window:
         raise ValueError(f"{IMPLEMENTATION} attention does not apply a sliding window; an example is longer than it")
     gqa = query.shape[1] != key.shape[1]
+    # split, not slices: the backward of a slice fills a zero tensor of the whole row for every example
     outputs = [
         torch.nn.functional.scaled_dot_product_attention(
-            query[:, :, a:b], key[:, :, a:b], value[:, :, a:b],
-            dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa,
+            q, k, v, dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa,
         )
-        for a, b in pairwise(bounds)
+        for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2))
     ]
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
