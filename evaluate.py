@@ -7,7 +7,6 @@
 """
 import os
 
-import peft_ext  # noqa: F401  registers our adapter methods with peft
 from peft_ext import answers
 from peft_ext.checkpoint import adapter_dir_flag, load_for_inference, resolve_checkpoint
 from peft_ext.errors import UsageError, run_cli

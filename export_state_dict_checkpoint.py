@@ -13,7 +13,6 @@ import os
 
 import torch
 
-import peft_ext  # noqa: F401  registers our adapter methods with peft
 from peft_ext import export
 from peft_ext.errors import run_cli
 

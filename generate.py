@@ -17,7 +17,6 @@ import os
 
 from transformers import set_seed
 
-import peft_ext  # noqa: F401  registers our adapter methods with peft
 from peft_ext import bundled
 from peft_ext.checkpoint import adapter_dir_flag, load_for_inference, resolve_checkpoint
 from peft_ext.demo import build_app, decoding

@@ -13,7 +13,6 @@ Run the same command again to continue: a finished adapter is not retrained, an 
 from its newest checkpoint-N/, and evaluate.py continues a partial evaluation. A second run of a
 finished sweep starts no process and only rewrites the tables.
 """
-import contextlib
 import csv
 import io
 import json
@@ -22,16 +21,15 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 
-import fire
 from fire.parser import DefaultParseValue
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # peft_ext, for the rare step that needs it
-BUNDLED_MODEL = os.path.join(ROOT, "models", "tiny-math")
-BUNDLED_TRAIN = os.path.join(ROOT, "data", "synth_math", "train.json")
-BUNDLED_TEST = os.path.join(ROOT, "data", "synth_math", "test.json")
+sys.path.insert(0, ROOT)  # peft_ext
+from peft_ext.bundled import BASE_MODEL, TEST_DATA, TINY_RECIPE, TRAIN_DATA  # noqa: E402
+from peft_ext.errors import UsageError, run_cli  # noqa: E402
+from peft_ext.files import atomic_open, write_json_atomic, write_text_atomic  # noqa: E402
+
 ADAPTERS = "lora,adapterh,adapterp,parallel,prefix-tuning"
 SWEEP_RECORD = "sweep.json"  # in evaluate's run folder: what a finished evaluation was asked, its metrics files
 
@@ -53,10 +51,11 @@ LLAMA_NAMED = ("llama", "mistral", "qwen2")
 # The bundled tiny-math model (hidden size 128) needs the paper's settings scaled down. Bottleneck 32: the
 # paper's 256 is wider than this model, and a quarter of its width is still a bottleneck. LoRA r 8 on the
 # paper's targets (r 32 would be a quarter of the width too, four times the bundled recipe's tested
-# rank). Everything at micro batch 16 for 3 epochs with the loss on the response only; learning rates
-# raised, since a tiny model and a short run need bigger steps (LoRA 1e-3 reaches 88.8% where the seed's
-# 3e-4 reaches 42%, models/tiny-math/README.md); prefix tuning keeps its far higher rate (x30, as in the paper).
-BUNDLED_COMMON = dict(micro_batch_size=16, num_epochs=3, learning_rate=1e-3, val_set_size=0, train_on_inputs=False)
+# rank). Everything else on finetune.py's recipe for the bundled model (TINY_RECIPE: micro batch 16, the loss
+# on the response only, learning rate 1e-3, since a tiny model and a short run need bigger steps: LoRA at 1e-3
+# reaches 88.8% where the seed's 3e-4 reaches 42%, models/tiny-math/README.md) for 3 epochs; prefix tuning
+# keeps its far higher rate (x30, as in the paper).
+BUNDLED_COMMON = dict(TINY_RECIPE, num_epochs=3, val_set_size=0)
 BUNDLED = {
     "lora": dict(lora_r=8, lora_alpha=16),
     "adapterh": dict(bottleneck_size=32),
@@ -64,10 +63,6 @@ BUNDLED = {
     "parallel": dict(bottleneck_size=32),
     "prefix-tuning": dict(learning_rate=3e-2, batch_size=16, num_epochs=3),
 }
-
-
-def fail(message: str):
-    raise SystemExit(f"error: {message}")
 
 
 def key(label: str) -> str:
@@ -83,7 +78,9 @@ def model_type(base_model: str) -> str:
     try:
         return AutoConfig.from_pretrained(base_model).model_type
     except OSError as e:
-        fail(f"--base_model {base_model!r} is neither a model folder nor a reachable hub id ({e})")
+        raise UsageError(
+            f"--base_model {base_model!r} is neither a model folder nor a reachable hub id ({e})"
+        ) from None
 
 
 def parse_flags(text: str) -> dict:
@@ -96,7 +93,7 @@ def parse_flags(text: str) -> dict:
                 value = words[i + 1]
             flags[name] = value or "True"
         elif i == 0 or not words[i - 1].startswith("--") or "=" in words[i - 1]:
-            fail(f"{word!r} in {text!r} is not a --flag or a flag's value")
+            raise UsageError(f"{word!r} in {text!r} is not a --flag or a flag's value")
     return flags
 
 
@@ -137,7 +134,7 @@ def train(label: str, flags: dict, adapter_dir: str) -> bool:
         recorded = read_json(record_path)["args"]
         changed = sorted(k for k, v in flags.items() if recorded.get(k) != as_recorded(v))
         if changed:
-            fail(
+            raise UsageError(
                 f"{adapter_dir} holds a {label} run made with other settings ({', '.join(changed)} differ); "
                 "delete that folder to retrain it, or choose another --output_dir"
             )
@@ -176,51 +173,26 @@ def evaluate(label: str, model_label: str, adapter_dir: str, run_dir: str, asked
         run(command, f"evaluate.py for {label}")
         names = benchmark_names(asked["dataset"], asked["flags"])
         record = {"asked": asked, "metrics": [os.path.join(n, "metrics.json") for n in names]}
-        write_atomic(os.path.join(run_dir, SWEEP_RECORD), json.dumps(record, indent=2) + "\n")
+        write_json_atomic(os.path.join(run_dir, SWEEP_RECORD), record)
     return [os.path.join(run_dir, p) for p in record["metrics"]]
 
 
 def benchmark_names(datasets: str, eval_flags: list[str]) -> list[str]:
     """The sets `--dataset` expands to, as evaluate.py names their folders (asked of its own code,
     imported only when there is work to do: it loads torch and peft)."""
-    from peft_ext.errors import UsageError
     from peft_ext.evaluation import resolve_tasks
 
     data_dir = parse_flags(shlex.join(eval_flags)).get("data_dir", "data")
-    try:
-        return [task.benchmark.name for task in resolve_tasks(datasets, data_dir)[0]]
-    except UsageError as e:
-        fail(str(e))
+    return [task.benchmark.name for task in resolve_tasks(datasets, data_dir)[0]]
 
 
 def run(command: list[str], what: str) -> None:
     finished = subprocess.run(command)
     if finished.returncode:
-        fail(f"{what} stopped with exit status {finished.returncode} (its output is above)")
+        raise UsageError(f"{what} stopped with exit status {finished.returncode} (its output is above)")
 
 
 # ---- tables and plots
-
-
-@contextlib.contextmanager
-def atomic(path: str):
-    """A temporary path beside `path`, renamed onto it once the block wrote it without error."""
-    directory, name = os.path.split(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.splitext(name)[1])
-    os.close(fd)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_atomic(path: str, text: str) -> None:
-    with atomic(path) as tmp, open(tmp, "w") as f:
-        f.write(text)
 
 
 def csv_text(rows: list[dict]) -> str:
@@ -329,8 +301,8 @@ def plot_loss(path: str, records: dict[str, dict], title: str) -> None:
 
 def save_figure(fig, path: str) -> None:
     fig.tight_layout()
-    with atomic(path) as tmp:
-        fig.savefig(tmp, dpi=120)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=120)
     pyplot().close(fig)
 
 
@@ -382,16 +354,18 @@ def main(
     """
     # parse
     bundled = not base_model
-    base_model = base_model or BUNDLED_MODEL
-    data_path = data_path or BUNDLED_TRAIN
-    datasets = ",".join(datasets) if isinstance(datasets, list | tuple) else str(datasets or BUNDLED_TEST)
+    base_model = base_model or BASE_MODEL
+    data_path = data_path or TRAIN_DATA
+    datasets = ",".join(datasets) if isinstance(datasets, list | tuple) else str(datasets or TEST_DATA)
     labels = [a.strip() for a in (adapters.split(",") if isinstance(adapters, str) else adapters) if a.strip()]
     if not labels or len(set(map(key, labels))) != len(labels):
-        fail(f"--adapters must name one or more different adapters, got {adapters!r}")
+        raise UsageError(f"--adapters must name one or more different adapters, got {adapters!r}")
     if isinstance(finetune_args, dict) and not set(map(key, finetune_args)) <= {"all", *map(key, labels)}:
-        fail(f"--finetune_args keys must be 'all' or adapters of --adapters {labels}, got {sorted(finetune_args)}")
+        raise UsageError(
+            f"--finetune_args keys must be 'all' or adapters of --adapters {labels}, got {sorted(finetune_args)}"
+        )
     if eval_batch_size < 1 or max_examples < 0:
-        fail("--eval_batch_size must be at least 1 and --max_examples at least 0")
+        raise UsageError("--eval_batch_size must be at least 1 and --max_examples at least 0")
     # Absolute local paths, so that a run started from another folder still matches its run.json.
     base_model, data_path = (os.path.abspath(p) if os.path.exists(p) else p for p in (base_model, data_path))
     overrides = dict(num_epochs=num_epochs, max_steps=max_steps, learning_rate=learning_rate,
@@ -421,8 +395,8 @@ def main(
     names, table = accuracy_by_adapter(metrics)
     tables = {"resources": resource_tables(records), "accuracy": accuracy_tables(names, table)}
     for stem, (md, csv_rows) in tables.items():
-        write_atomic(os.path.join(output_dir, f"{stem}.md"), md)
-        write_atomic(os.path.join(output_dir, f"{stem}.csv"), csv_rows)
+        write_text_atomic(os.path.join(output_dir, f"{stem}.md"), md)
+        write_text_atomic(os.path.join(output_dir, f"{stem}.csv"), csv_rows)
         print(f"\n{md}", end="")
     plot_accuracy(os.path.join(output_dir, "accuracy.png"), names, table, f"{model_label}: accuracy")
     plot_loss(os.path.join(output_dir, "loss.png"), records, f"{model_label}: training loss")
@@ -430,4 +404,4 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run_cli(main)

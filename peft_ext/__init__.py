@@ -1,5 +1,6 @@
-"""Shared code of the llm-adapters scripts. Importing it registers our own adapter methods with peft:
-the bottleneck adapters (`peft_ext.tuners`) and the SIBO booster for LoRA (`peft_ext.sibo`)."""
-from peft_ext.errors import UsageError  # noqa: F401
-from peft_ext import tuners  # noqa: F401,E402  (first: the bottleneck tuner imports sibo, sibo its layer)
-from peft_ext import sibo  # noqa: F401,E402
+"""Shared code of the llm-adapters scripts.
+
+Importing the package imports nothing heavy, so small modules such as `peft_ext.files` load in milliseconds.
+Our own adapter methods register with peft when `peft_ext.tuners` is imported; the modules that build or load
+adapters (`peft_ext.adapters`, `peft_ext.modeling.load_adapter`) import it themselves.
+"""

@@ -9,7 +9,8 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE_MODEL = os.path.join(ROOT, "models", "tiny-math")
 TRAIN_DATA = os.path.join(ROOT, "data", "synth_math", "train.json")
-TEST_SET = "synth_math"  # evaluate.py --dataset name of data/synth_math/test.json
+TEST_DATA = os.path.join(ROOT, "data", "synth_math", "test.json")
+TEST_SET = "synth_math"  # evaluate.py --dataset name of TEST_DATA (found under --data_dir, ./data by default)
 OUTPUT_DIR = "./trained_models/lora"  # finetune.py's default output, generate.py's default checkpoint
 
 # Training settings for the bundled model, where they differ from the seed's (which suit a 7B model):

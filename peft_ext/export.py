@@ -13,6 +13,7 @@ from peft import PeftModel
 from peft.config import PromptLearningConfig
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
+from peft_ext import tuners  # noqa: F401  (before sibo, which cannot be imported first)
 from peft_ext import sibo
 from peft_ext.checkpoint import Checkpoint, adapter_dir_flag, load_for_inference, resolve_checkpoint
 from peft_ext.errors import UsageError

@@ -103,6 +103,8 @@ def load_adapter(model, adapter_dir: str, is_trainable: bool = False):
     """Wrap `model` in the adapter saved in `adapter_dir` (any method registered with peft)."""
     from peft import PeftModel
 
+    from peft_ext import tuners  # noqa: F401  registers our methods with peft, so that it can load them
+
     read_adapter_config(adapter_dir)
     try:
         return PeftModel.from_pretrained(model, adapter_dir, is_trainable=is_trainable)

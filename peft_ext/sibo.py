@@ -19,7 +19,7 @@ pass being differentiated; a boosted model cannot mix adapters per batch row (`a
 forward passes before one backward under gradient checkpointing would recompute with the later pass's `E`.
 
 Settings. `embedding_lambda` (0 = SIBO off) and `ffn` are fields of the adapter's config, so they are saved in
-`adapter_config.json` and `PeftModel.from_pretrained` restores the boost after `import peft_ext`; evaluation
+`adapter_config.json` and `PeftModel.from_pretrained` restores the boost after `import peft_ext.tuners`; evaluation
 and generation need no flag. `ffn` defaults to None, which means True: with `embedding_lambda > 0` the
 sites above are boosted, as in all of SIBO's scripts (`--ffn True` is their default); `ffn=False` is the
 reference's ablation and injects nothing, at training and at evaluation alike (the reference still injected

@@ -5,7 +5,6 @@ import os
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import peft_ext  # noqa: F401  registers our adapter methods with peft
 from peft_ext import adapters
 from peft_ext.prompts import Prompter
 from tiny import config_for

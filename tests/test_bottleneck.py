@@ -13,7 +13,6 @@ from tiny import FAMILIES
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import peft
-import peft_ext
 from peft import PeftConfig, PeftModel, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import PeftType

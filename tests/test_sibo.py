@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from transformers import AutoModelForCausalLM
 
-import peft_ext  # noqa: F401  (registers the methods)
 from peft import LoraConfig, PeftModel
 from peft_ext import adapters, sibo
 from peft_ext.errors import UsageError

@@ -1,13 +1,19 @@
 """benchmarks/sweep.py: two adapters, one set, on the tiny llama; tables and plots agree with the run
-records, a finished sweep does nothing the second time, and an interrupted adapter resumes."""
+records, a finished sweep does nothing the second time, an interrupted adapter resumes, and bad input
+ends in one line."""
 import csv
 import importlib.util
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 
 import pytest
+
+from peft_ext import bundled
+from peft_ext.errors import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 spec = importlib.util.spec_from_file_location("sweep", os.path.join(ROOT, "benchmarks", "sweep.py"))
@@ -19,7 +25,7 @@ ADAPTERS = ["lora", "adapterh"]
 
 def sweep_args(base_model, output_dir):
     return dict(
-        base_model=base_model, data_path=sweep.BUNDLED_TRAIN, datasets=sweep.BUNDLED_TEST,
+        base_model=base_model, data_path=bundled.TRAIN_DATA, datasets=bundled.TEST_DATA,
         adapters=",".join(ADAPTERS), output_dir=str(output_dir),
         max_steps=4, batch_size=4, micro_batch_size=4, finetune_args="--save_step 2 --val_set_size 0",
         max_examples=4, evaluate_args="--max_new_tokens 8",
@@ -121,7 +127,7 @@ def test_an_interrupted_adapter_resumes_from_its_checkpoint(finished, tmp_path, 
 
 def test_a_finished_adapter_with_other_settings_is_refused_not_reported(finished, tmp_path):
     args, out = finished
-    with pytest.raises(SystemExit, match="lora run made with other settings \\(learning_rate differ\\)"):
+    with pytest.raises(UsageError, match="lora run made with other settings \\(learning_rate differ\\)"):
         sweep.main(**{**args, "learning_rate": 0.5})
 
 
@@ -139,5 +145,12 @@ def test_flags_come_from_the_paper_then_the_bundled_scaling_then_the_user():
     lora = sweep.training_flags("lora", "m", "d", True, "llama", {"max_steps": 7}, per_adapter)
     assert (prefix["num_virtual_tokens"], prefix["use_x"], prefix["cutoff_len"], prefix["max_steps"]) == ("20", "True", "64", 7)
     assert "num_virtual_tokens" not in lora and lora["cutoff_len"] == "64"
-    with pytest.raises(SystemExit, match="not a --flag"):
+    with pytest.raises(UsageError, match="not a --flag"):
         sweep.parse_flags("--lora_r 16 32")
+
+
+def test_bad_input_ends_with_one_line_and_exit_status_2():
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "sweep.py"), "--eval_batch_size", "0"],
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == "error: --eval_batch_size must be at least 1 and --max_examples at least 0\n"

@@ -1,5 +1,9 @@
 """Our own peft methods, and the one way we add a method to peft.
 
+Importing this package registers them with peft: the bottleneck adapters, and SIBO's LoRA (`peft_ext.sibo`).
+Import it before `peft_ext.sibo`: sibo imports the bottleneck layer, whose package imports the bottleneck
+model, which needs sibo's `BoostedTuner`; entered from sibo, that circle stops at an ImportError.
+
 peft registers a method with `peft.utils.register_peft_method(name=...)`, which only accepts names that are
 already members of its `PeftType` enum, and Python enums are closed to new members. `add_peft_type` adds
 the member the way the enum module itself does (the member object, then its entries in the class's name
@@ -47,5 +51,6 @@ def register_method(name: str, config_cls, model_cls) -> None:
 
 
 from peft_ext.tuners.bottleneck import BottleneckConfig, BottleneckModel  # noqa: E402  (registers it)
+from peft_ext import sibo  # noqa: E402,F401  (registers SIBO's LoRA)
 
 __all__ = ["BottleneckConfig", "BottleneckModel", "add_peft_type", "register_method"]

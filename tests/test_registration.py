@@ -1,0 +1,62 @@
+"""Our adapter methods register with peft wherever adapters are built or loaded, each time in a fresh
+interpreter (in this one, some earlier import has long registered them), and the small modules stay cheap."""
+import os
+import subprocess
+import sys
+
+import pytest
+from checkpoints import make_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REGISTERED = (
+    "from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING as M\n"
+    "print(M['BOTTLENECK'].__name__, M['LORA'].__name__)\n"
+)
+
+
+def fresh_python(code: str) -> list[str]:
+    """The words `code` prints, run by a new interpreter in the repository root."""
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.split()
+
+
+@pytest.fixture(scope="module")
+def bottleneck_checkpoint(llama, tmp_path_factory):
+    return make_checkpoint(llama, str(tmp_path_factory.mktemp("ckpt") / "llama-bottleneck"), "bottleneck")
+
+
+def test_the_small_modules_import_without_torch_peft_or_transformers():
+    heavy = fresh_python(
+        "import sys, peft_ext.files, peft_ext.errors, peft_ext.bundled\n"
+        "print(*[m for m in ('torch', 'peft', 'transformers') if m in sys.modules])\n"
+    )
+    assert heavy == []
+
+
+def test_plain_peft_loads_our_adapters_after_importing_the_tuners(llama, bottleneck_checkpoint):
+    """The promise of docs/adapters.md."""
+    words = fresh_python(
+        "import peft_ext.tuners\n"
+        "from peft import PeftModel\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({llama!r}), {bottleneck_checkpoint!r})\n"
+        "print(type(model.base_model).__name__)\n" + REGISTERED
+    )
+    assert words == ["BottleneckModel", "BottleneckConfig", "SiboLoraConfig"]
+
+
+def test_the_scripts_load_our_adapters_through_load_adapter(bottleneck_checkpoint):
+    """evaluate.py, generate.py and the export scripts import nothing for it."""
+    words = fresh_python(
+        "from peft_ext.checkpoint import load_for_inference, resolve_checkpoint\n"
+        f"model, _ = load_for_inference(resolve_checkpoint('', {bottleneck_checkpoint!r}))\n"
+        "print(type(model.base_model).__name__)\n"
+    )
+    assert words == ["BottleneckModel"]
+
+
+@pytest.mark.parametrize("module", ["peft_ext.adapters", "peft_ext.export"])
+def test_modules_that_use_sibo_import_first_and_register(module):
+    """They import the tuners before peft_ext.sibo, which cannot be imported first."""
+    assert fresh_python(f"import {module}\n" + REGISTERED) == ["BottleneckConfig", "SiboLoraConfig"]
