@@ -24,10 +24,9 @@ from peft.utils import (
 )
 from transformers.pytorch_utils import Conv1D
 
-from peft_ext.errors import UsageError
-# The tuners before sibo, which cannot be imported first; importing them registers our methods with peft.
-from peft_ext.tuners.bottleneck import BottleneckConfig
 from peft_ext import sibo
+from peft_ext.errors import UsageError
+from peft_ext.tuners.bottleneck import BottleneckConfig  # importing the tuners registers our methods with peft
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,7 @@ from peft import PeftModel
 from peft.config import PromptLearningConfig
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
-from peft_ext import tuners  # noqa: F401  (before sibo, which cannot be imported first)
-from peft_ext import sibo
+from peft_ext import sibo, tuners  # noqa: F401  (tuners: registers our methods with peft)
 from peft_ext.checkpoint import Checkpoint, adapter_dir_flag, load_for_inference, resolve_checkpoint
 from peft_ext.errors import UsageError
 from peft_ext.modeling import load_config, read_adapter_config

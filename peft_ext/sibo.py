@@ -44,6 +44,7 @@ from peft.tuners.lora import LoraLayer, LoraModel
 from peft.utils import PeftType
 
 from peft_ext.errors import UsageError
+from peft_ext.tuners.boosted import BoostedTuner
 from peft_ext.tuners.bottleneck.config import MH_ADAPTER, BottleneckConfig, matches
 from peft_ext.tuners.bottleneck.layer import BottleneckLayer
 
@@ -235,33 +236,6 @@ def detach(model, adapter_name: Optional[str] = None) -> None:
         for handle in booster.capture_hooks:
             handle.remove()
         del model._sibo_booster
-
-
-class BoostedTuner:
-    """Mixin for a peft tuner (before BaseTuner in the bases) whose adapters SIBO can boost."""
-
-    def inject_adapter(self, model, adapter_name, *args, **kwargs):
-        super().inject_adapter(model, adapter_name, *args, **kwargs)
-        attach(self, adapter_name)
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        detach(self.model, adapter_name)
-        super().delete_adapter(adapter_name)
-
-    def _check_merge_allowed(self):
-        super()._check_merge_allowed()
-        boosted = sorted(name for name, config in self.peft_config.items() if is_boosted(config))
-        if boosted:
-            raise UsageError(
-                f"adapters {boosted} use SIBO, whose branch input depends on the token embeddings: "
-                "they cannot be merged into the base weights"
-            )
-
-    def _unload_and_optionally_merge(self, merge=True, *args, **kwargs):
-        if merge:
-            self._check_merge_allowed()
-        detach(self.model)
-        return super()._unload_and_optionally_merge(merge, *args, **kwargs)
 
 
 @dataclass

@@ -1,8 +1,6 @@
 """Our own peft methods, and the one way we add a method to peft.
 
 Importing this package registers them with peft: the bottleneck adapters, and SIBO's LoRA (`peft_ext.sibo`).
-Import it before `peft_ext.sibo`: sibo imports the bottleneck layer, whose package imports the bottleneck
-model, which needs sibo's `BoostedTuner`; entered from sibo, that circle stops at an ImportError.
 
 peft registers a method with `peft.utils.register_peft_method(name=...)`, which only accepts names that are
 already members of its `PeftType` enum, and Python enums are closed to new members. `add_peft_type` adds

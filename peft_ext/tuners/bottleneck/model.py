@@ -4,7 +4,7 @@ from __future__ import annotations
 from peft.tuners.tuners_utils import BaseTuner
 
 from peft_ext.errors import UsageError
-from peft_ext.sibo import BoostedTuner
+from peft_ext.tuners.boosted import BoostedTuner
 from peft_ext.tuners.bottleneck.config import (
     ADAPTERH_TARGETS,
     ADAPTERP_TARGETS,
