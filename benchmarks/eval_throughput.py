@@ -2,10 +2,12 @@
 
 In one process, on the same model and the same SVAMP prompts (math budget: 256 new tokens):
   (a) a loop written like the reference evaluate.py: one example at a time, 4 beams, no KV cache;
-  (b) evaluate.py's own path one example at a time: greedy, KV cache;
+  (b) the plain greedy loop with the cache: one example at a time, transformers' generate;
+  (b') evaluate.py's own path one example at a time (its own decoding loop, which reads the template
+       header once for all examples);
   (c) evaluate.py's batched path, greedy, at batch 16 and 64 (the same outputs as (b) are required);
   (d) evaluate.py's batched path with the reference's 4 beams, at batch 16 (compared with (a));
-and, for a mergeable adapter, (b) and (c) again with the adapter merged into the base weights (what
+and, for a mergeable adapter, (b), (b') and (c) again with the adapter merged into the base weights (what
 evaluate.py runs on export_hf_checkpoint.py's output). Prints a Markdown table of examples/s and the
 ratios, and writes it with the run's conditions to benchmarks/results/eval_throughput.{md,json}.
 
@@ -57,10 +59,12 @@ def bench_adapter() -> str:
     return BENCH_ADAPTER
 
 
-def reference_loop(model, tokenizer, prompts: list[str], max_new_tokens: int, stop: tuple[str, ...]) -> list[str]:
-    """The reference's decoding: one prompt at a time, no attention mask, 4 beams, the cache off. Its
-    temperature/top_p/top_k have no effect (do_sample is unset), so they are left out here."""
-    config = GenerationConfig(num_beams=4, max_new_tokens=max_new_tokens, use_cache=False,
+def generate_loop(model, tokenizer, prompts: list[str], max_new_tokens: int, stop: tuple[str, ...],
+                  num_beams: int, use_cache: bool) -> list[str]:
+    """One prompt at a time through transformers' generate, without an attention mask, as the reference
+    did: (a) with its 4 beams and the cache off (its temperature/top_p/top_k have no effect, do_sample
+    being unset, so they are left out), (b) greedy with the cache."""
+    config = GenerationConfig(num_beams=num_beams, do_sample=False, max_new_tokens=max_new_tokens, use_cache=use_cache,
                               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     responses = []
     for prompt in prompts:
@@ -100,22 +104,25 @@ def main(base_model: str = "", lora_weights: str = "",
     prompts = [prompter.prompt(r["instruction"], r.get("input")) for r in task.examples]
     stop = tuple(prompter.template.get("stop", [])) + (prompter.template["response_split"],)
 
-    def evaluate_run(label: str, batch: int, beams: int, same_as: str | None, weights: str = "adapter") -> Run:
+    def evaluate_run(label: str, batch: int, beams: int, same_as: str | None, weights: str = "adapter", role: str = "") -> Run:
         return Run(label, batch, beams, "on", same_as,
-                   lambda model: evaluate_path(model, tokenizer, prompter, task, budget, batch, beams), weights)
+                   lambda model: evaluate_path(model, tokenizer, prompter, task, budget, batch, beams), weights, role)
 
-    def greedy_runs(who: str, same_as: str | None, weights: str) -> list[Run]:
-        """(b) and (c) at batch 16 and 64; every (c) must give (b)'s outputs."""
-        one = f"(b) {who}, one at a time"
-        return [evaluate_run(one, 1, 1, same_as, weights), evaluate_run(f"(c) {who}, batched", 16, 1, one, weights),
-                evaluate_run(f"(c) {who}, batched", 64, 1, one, weights)]
+    def greedy_runs(who: str, weights: str) -> list[Run]:
+        """(b), (b') and (c) at batch 16 and 64; (b') and every (c) must give (b)'s outputs."""
+        loop = "(b) merged adapter, greedy loop with cache" if weights == "merged" else "(b) greedy loop with cache"
+        return [Run(loop, 1, 1, "on", None, lambda model: generate_loop(model, tokenizer, prompts, budget, stop, 1, True),
+                    weights, role="b"),
+                evaluate_run(f"(b') {who}, one at a time", 1, 1, loop, weights, role="b'"),
+                evaluate_run(f"(c) {who}, batched", 16, 1, loop, weights), evaluate_run(f"(c) {who}, batched", 64, 1, loop, weights)]
 
-    reference = Run("(a) reference-style loop", 1, 4, "off", None, lambda model: reference_loop(model, tokenizer, prompts, budget, stop))
-    runs = [reference, *greedy_runs("evaluate.py", None, "adapter"), evaluate_run("(d) evaluate.py, batched, 4 beams", 16, 4, reference.label)]
+    reference = Run("(a) reference-style loop", 1, 4, "off", None,
+                    lambda model: generate_loop(model, tokenizer, prompts, budget, stop, 4, False), role="a")
+    runs = [reference, *greedy_runs("evaluate.py", "adapter"), evaluate_run("(d) evaluate.py, batched, 4 beams", 16, 4, reference.label)]
     for run in runs:
         run.measure(model)
     if adapter_dir and mergeable(adapter_dir):
-        merged_runs = greedy_runs("merged adapter", runs[1].label, "merged")
+        merged_runs = greedy_runs("merged adapter", "merged")
         merged = model.merge_and_unload()  # last: this changes `model` in place
         for run in merged_runs:
             run.measure(merged)
@@ -144,6 +151,7 @@ class Run:
     same_as: str | None
     decode: Callable[..., list[str]]  # model -> responses
     weights: str = "adapter"  # or "merged": the adapter folded into the base weights
+    role: str = ""  # "a", "b" or "b'": a baseline the ratios are taken against
     responses: list[str] = field(default_factory=list)
     wall: float = 0.0
     cpu: float = 0.0
@@ -170,24 +178,25 @@ def write_table(runs: list[Run], conditions: str) -> None:
     # wall time on a GPU, where the CPU time is mostly waiting.
     basis = "wall" if torch.cuda.is_available() else "CPU time"
     cost = (lambda run: run.wall) if basis == "wall" else (lambda run: run.cpu)  # noqa: E731
-    # × (b): against the greedy one-at-a-time run of the same model (merged rows against the merged one)
-    one_at_a_time = {run.weights: run for run in runs if (run.batch, run.beams, run.kv_cache) == (1, 1, "on")}
+    # × (b) and × (b'): against the one-at-a-time runs of the same weights (merged rows against merged ones)
+    baseline = {(run.role, run.weights): run for run in runs if run.role}
     responses = {run.label: run.responses for run in runs}
     n = len(runs[0].responses)
-    rows = [f"| path | batch | beams | KV cache | wall s | CPU s | examples/s | × (a), {basis} | × (b), {basis} | outputs equal to |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [f"| path | batch | beams | KV cache | wall s | CPU s | examples/s | × (a), {basis} | × (b), {basis} | "
+            f"× (b'), {basis} | outputs equal to |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     records = []
     for run in runs:
         equal = sum(x == y for x, y in zip(run.responses, responses[run.same_as])) if run.same_as else None
+        ratios = {role: round(cost(baseline[role, "adapter" if role == "a" else run.weights]) / cost(run), 2)
+                  for role in ("a", "b", "b'")}
         record = dict(path=run.label, batch_size=run.batch, num_beams=run.beams, kv_cache=run.kv_cache,
                       seconds=round(run.wall, 2), cpu_seconds=round(run.cpu, 2), examples_per_s=round(n / run.wall, 3),
-                      speedup_over_a=round(cost(runs[0]) / cost(run), 2),
-                      speedup_over_b=round(cost(one_at_a_time[run.weights]) / cost(run), 2),
+                      speedup_over_a=ratios["a"], speedup_over_b=ratios["b"], speedup_over_b_evaluate=ratios["b'"],
                       outputs_equal=f"{equal}/{n} of {run.same_as.split(',')[0]}" if run.same_as else "—")
         records.append(record)
+        over = " | ".join(f"{ratios[role]:.1f}×" for role in ("a", "b", "b'"))
         rows.append(f"| {run.label} | {run.batch} | {run.beams} | {run.kv_cache} | {run.wall:.2f} | {run.cpu:.2f} | "
-                    f"{n / run.wall:.2f} | {record['speedup_over_a']:.1f}× | {record['speedup_over_b']:.1f}× | "
-                    f"{record['outputs_equal']} |")
+                    f"{n / run.wall:.2f} | {over} | {record['outputs_equal']} |")
     table = "\n".join(rows) + f"\n\n{conditions}\n"
     print(table)
     os.makedirs(RESULTS_DIR, exist_ok=True)
