@@ -7,8 +7,9 @@ No weights are downloaded: a LLaMA-7B-shaped model (32 layers, width 4096, MLP 1
 is random-initialised from its config and saved to --work_dir with the bundled tokenizer, and each setup
 then loads it the way finetune.py does (`load_base_model`, NF4 for QLoRA), builds the adapter with
 finetune.py's defaults and trains with finetune.py's Trainer at the seed's settings (cutoff 256, micro
-batch 4, batch 16, packing on). Speed is measured after the first --skip optimizer steps (CUDA
-warm-up); memory is the peak allocated by torch from before the model is loaded to the end of training.
+batch 4, batch 16; on a GPU in padded batches, as finetune.py). Speed is measured after the first --skip
+optimizer steps (CUDA warm-up); memory is the peak allocated by torch from before the model is loaded to
+the end of training, loading included.
 MFU counts 6·N + 12·layers·width·length FLOPs per token (PaLM's convention, N the parameters less the input
 embedding table); a frozen base needs no weight gradients, so 4·N + … of them are actual work ("used").
 Figures go to benchmarks/results/train_at_scale.{md,json}.
