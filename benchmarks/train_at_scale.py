@@ -8,8 +8,8 @@ is random-initialised from its config and saved to --work_dir with the bundled t
 then loads it the way finetune.py does (`load_base_model`, NF4 for QLoRA), builds the adapter with
 finetune.py's defaults and trains with finetune.py's Trainer at the seed's settings (cutoff 256, micro
 batch 4, batch 16; on a GPU in padded batches, as finetune.py). Speed is measured after the first --skip
-optimizer steps (CUDA warm-up); memory is the peak allocated by torch from before the model is loaded to
-the end of training, loading included.
+optimizer steps (CUDA warm-up); memory is the peak allocated by torch in training, the resident weights
+included, and on a GPU apart from it the peak while loading and building the adapter.
 MFU counts 6·N + 12·layers·width·length FLOPs per token (PaLM's convention, N the parameters less the input
 embedding table); a frozen base needs no weight gradients, so 4·N + … of them are actual work ("used").
 Figures go to benchmarks/results/train_at_scale.{md,json}.
@@ -96,6 +96,9 @@ def measure(label, adapter, four_bit, model_dir, tokenizer, train_set, args) -> 
     options = {flag: finetune_default(flag) for flag in training.ADAPTER_FLAGS}
     model = adapters.build(model, adapter, options)
     trainable, total = parameter_counts(model)
+    loading_peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()  # training's own peak from here, the resident weights included
     clock = StepClock()
     with tempfile.TemporaryDirectory() as output_dir:
         trainer = training.make_trainer(
@@ -122,6 +125,7 @@ def measure(label, adapter, four_bit, model_dir, tokenizer, train_set, args) -> 
         "trainable_percent": 100 * trainable / total, "tokens_per_second": tokens_per_second,
         "seconds_per_step": (t1 - t0) / args.steps, "mfu": mfu, "used_flops_utilization": used,
         "peak_memory_gib": memory / 2**30, "memory_kind": kind,
+        "loading_peak_gib": loading_peak / 2**30 if loading_peak is not None else None,
         "reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None,
         "loss": [h["loss"] for h in trainer.state.log_history if "loss" in h],
         "seed_table": SEED_TABLE.get(adapter, ""),
@@ -139,8 +143,9 @@ def markdown(rows, meta) -> str:
             lines.append(f"| {r['setup']} | failed: {r['error']} | | | | | | | |")
             continue
         pct = lambda x: f"{100 * x:.1f}%" if x is not None else "—"  # noqa: E731
+        loading = lambda r: f"; loading: {r['loading_peak_gib']:.1f}" if r.get("loading_peak_gib") else ""  # noqa: E731
         lines.append(f"| {r['setup']} | {r['trainable_params'] / 1e6:.2f}M | {r['trainable_percent']:.3f}% | "
-                     f"{r['peak_memory_gib']:.1f} ({r['memory_kind']}) | {r['tokens_per_second']:.0f} | "
+                     f"{r['peak_memory_gib']:.1f} ({r['memory_kind']}{loading(r)}) | {r['tokens_per_second']:.0f} | "
                      f"{r['seconds_per_step']:.2f} | {pct(r['mfu'])} | {pct(r['used_flops_utilization'])} | "
                      f"{r['seed_table']} |")
     return "\n".join(lines) + "\n"

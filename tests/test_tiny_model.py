@@ -8,10 +8,8 @@ import sentencepiece as spm
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import ROOT
-
-MODEL_DIR = os.path.join(ROOT, "models", "tiny-math")
-TEST_SET = os.path.join(ROOT, "data", "synth_math", "test.json")
+from peft_ext.bundled import BASE_MODEL as MODEL_DIR
+from peft_ext.bundled import TEST_DATA as TEST_SET
 MAX_BYTES = 20 * 1024 * 1024
 
 

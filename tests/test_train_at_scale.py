@@ -22,6 +22,7 @@ def test_the_resource_table_counts_each_setups_parameters_and_measures_it(tmp_pa
     assert [rows[s]["trainable_params"] for s in ("LoRA (bf16)", "QLoRA (NF4 base)", "AdapterH (bf16)")] == [lora, lora, adapterh]
     for row in rows.values():
         assert row["tokens_per_second"] > 0 and row["peak_memory_gib"] > 0 and row["memory_kind"] == "cpu_rss"
+        assert row["loading_peak_gib"] is None  # a process RSS peak cannot be split; a GPU one is
         assert row["trainable_percent"] == 100 * row["trainable_params"] / row["total_params"]
     assert rows["QLoRA (NF4 base)"]["four_bit"] and rows["QLoRA (NF4 base)"]["total_params"] == rows["LoRA (bf16)"]["total_params"]
     table = (tmp_path / "table.md").read_text()
