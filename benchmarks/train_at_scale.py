@@ -15,7 +15,6 @@ embedding table); a frozen base needs no weight gradients, so 4·N + … of them
 Figures go to benchmarks/results/train_at_scale.{md,json}.
 """
 import argparse
-import inspect
 import json
 import os
 import platform
@@ -32,11 +31,11 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback, set_seed  # noqa: E402
 
-import finetune  # noqa: E402
 from peft_ext import adapters, bundled, training  # noqa: E402
 from peft_ext.data import load_data, tokenize  # noqa: E402
 from peft_ext.modeling import load_base_model, load_tokenizer, parameter_counts  # noqa: E402
 from peft_ext.prompts import Prompter  # noqa: E402
+from train_throughput import ADAPTER_DEFAULTS  # noqa: E402  (this folder: the script's own)
 
 SHAPES = {
     "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -49,10 +48,6 @@ SETUPS = [("LoRA (bf16)", "lora", False), ("QLoRA (NF4 base)", "lora", True), ("
 # The seed's resource table (LLaMA-7B, two RTX 3090, math_10k, 3 epochs), from its README.
 SEED_TABLE = {"lora": "4.2M params, 18 GB, 4 h", "adapterh": "200M params, 22 GB, 4 h"}
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense, per the vendor's data sheets
-
-
-def finetune_default(name):
-    return inspect.signature(finetune.train).parameters[name].default
 
 
 def make_model(shape: str, folder: str) -> str:
@@ -93,8 +88,7 @@ def measure(label, adapter, four_bit, model_dir, tokenizer, train_set, args) -> 
     model = training.prepare_base(load_base_model(model_dir, load_4bit=four_bit), quantized=four_bit,
                                   checkpointing=False)
     set_seed(args.seed)
-    options = {flag: finetune_default(flag) for flag in training.ADAPTER_FLAGS}
-    model = adapters.build(model, adapter, options)
+    model = adapters.build(model, adapter, ADAPTER_DEFAULTS)
     trainable, total = parameter_counts(model)
     loading_peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
     if torch.cuda.is_available():

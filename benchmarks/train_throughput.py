@@ -35,8 +35,8 @@ from peft_ext.data import load_data, tokenize  # noqa: E402
 from peft_ext.modeling import load_base_model, load_tokenizer, precision  # noqa: E402
 from peft_ext.prompts import Prompter  # noqa: E402
 
-# finetune.py's defaults for the adapter (LoRA r 8 on q_proj, v_proj)
-LORA = {flag: inspect.signature(finetune.train).parameters[flag].default for flag in training.ADAPTER_FLAGS}
+# finetune.py's defaults for the adapter flags (for LoRA: r 8 on q_proj, v_proj); train_at_scale.py uses them too
+ADAPTER_DEFAULTS = {flag: inspect.signature(finetune.train).parameters[flag].default for flag in training.ADAPTER_FLAGS}
 
 
 # The cost the ratios compare: CPU time on a CPU, which other jobs on a shared machine barely change; wall
@@ -150,7 +150,7 @@ SETUPS = {"a": ("(a) alpaca-lora style: random order, pad to longest", alpaca_lo
 def run(setup, tokenizer, train_set, eval_batches, args) -> dict:
     model = training.prepare_base(load_base_model(args.base_model), quantized=False, checkpointing=False)
     set_seed(args.seed)  # the same adapter init in both setups
-    model = adapters.build(model, "lora", LORA)
+    model = adapters.build(model, "lora", ADAPTER_DEFAULTS)
     with tempfile.TemporaryDirectory() as output_dir:
         trainer = SETUPS[setup][1](model, tokenizer, train_set, args, output_dir)
         # The collator of the training batches: the packing one where make_trainer packs.

@@ -225,11 +225,12 @@ def greedy_tokens(model, tokenizer, rows: list[list[int]], config: GenerationCon
     tokens = [[] for _ in rows]
     alive = torch.arange(len(rows))  # the prompt index of each row still in the batch
     for step in range(config.max_new_tokens):
-        for row, token in zip(alive.tolist(), next_ids.tolist()):
+        alive_rows = alive.tolist()
+        for row, token in zip(alive_rows, next_ids.tolist()):
             tokens[row].append(token)
         finished = torch.isin(next_ids, eos)
         if stop:
-            texts = tokenizer.batch_decode([tokens[row][-tail:] for row in alive.tolist()])
+            texts = tokenizer.batch_decode([tokens[row][-tail:] for row in alive_rows])
             finished |= torch.tensor([any(s in text for s in stop) for text in texts], device=finished.device)
         if finished.all() or step == config.max_new_tokens - 1:
             break
