@@ -24,7 +24,7 @@ from peft_ext import answers
 from peft_ext.answers import Benchmark
 from peft_ext.errors import UsageError
 from peft_ext.files import write_json_atomic
-from peft_ext.generation import SharedPrefix, decoding_config, generate, pads_safely
+from peft_ext.generation import SharedPrefix, decoding_config, stream
 
 PREDICTIONS = "predictions.jsonl"
 SETTINGS = "settings.json"
@@ -183,19 +183,6 @@ class Ranks:
 # ---- one model over many sets
 
 
-def batches(order: list[int], lengths: list[int], size: int, equal_lengths: bool = False):
-    """Consecutive batches of at most `size` indices; with `equal_lengths`, a new batch also starts
-    wherever the prompt length changes, so that no prompt is padded."""
-    batch = []
-    for i in order:
-        if batch and (len(batch) == size or (equal_lengths and lengths[i] != lengths[batch[0]])):
-            yield batch
-            batch = []
-        batch.append(i)
-    if batch:
-        yield batch
-
-
 @dataclass
 class Evaluation:
     """One model's run: where its records go, how it decodes, how answers are read."""
@@ -269,22 +256,25 @@ class Evaluation:
 
         prefix = SharedPrefix(tokenizer, [prompts[i] for i in mine]) if mine else None
 
-        start, correct, scored = time.perf_counter(), 0, 0
+        start, correct, scored, synced = time.perf_counter(), 0, 0, time.monotonic()
         bar = tqdm(total=len(mine), desc=benchmark.name, disable=not ranks.main, dynamic_ncols=True)
         with open(log, "a") as out:
-            for batch in batches(mine, lengths, self.batch_size, equal_lengths=not pads_safely(model)):
-                responses = generate(model, tokenizer, [prompts[i] for i in batch], config, prefix)
-                for i, response in zip(batch, responses):
+            for finished in stream(model, tokenizer, [prompts[i] for i in mine], config, self.batch_size, prefix):
+                for j, response in finished:
+                    i = mine[j]
                     label = str(task.examples[i]["answer"]).strip()
                     prediction = benchmark.extract(response, self.answer_rule)
                     hit = benchmark.is_correct(prediction, label)
                     record = dict(index=i, prompt=prompts[i], response=response, prediction=prediction, label=label, correct=hit)
                     out.write(json.dumps(record, ensure_ascii=False) + "\n")
                     correct, scored = correct + hit, scored + 1
-                out.flush()
-                os.fsync(out.fileno())
-                bar.update(len(batch))
+                out.flush()  # a killed run keeps every finished prediction; the disk gets them about once a second
+                if time.monotonic() - synced > 1:
+                    os.fsync(out.fileno())
+                    synced = time.monotonic()
+                bar.update(len(finished))
                 bar.set_postfix(acc=f"{correct / scored:.1%}")
+            os.fsync(out.fileno())
         bar.close()
         ranks.barrier()
         if not ranks.main:

@@ -98,9 +98,9 @@ def test_batched_equals_one_at_a_time_other_families(tmp_path, tiny_model_dir, d
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_loop_gives_what_transformers_generate_gives(tiny_model_dir, data_dir, family, monkeypatch):
     """Our greedy loop reads the prompts after the shared prefix's KV cache (padding between the two), in
-    chunks of like lengths, into a cache that grows in place and drops each row as it ends; the responses must
-    be transformers' greedy ones for each prompt alone, unpadded, with a stop string that ends one row early
-    and with none."""
+    chunks of like lengths, into a cache that grows in place, drops each row as it ends and lets the next
+    prompts join; the responses must be transformers' greedy ones for each prompt alone, unpadded, with a stop
+    string that ends one row early and with none."""
     model, tokenizer = load_for_inference(resolve_checkpoint(tiny_model_dir(family)))
     records = json.load(open(os.path.join(data_dir, "SVAMP", "test.json")))[:5]
     prompts = [Prompter.load("alpaca").prompt(r["instruction"]) for r in records]
@@ -119,6 +119,16 @@ def test_greedy_loop_gives_what_transformers_generate_gives(tiny_model_dir, data
     ours = [generation.generate(model, tokenizer, prompts, config, prefix) for config in configs]
     assert ours[0] == unstopped and len(ours[1][longest]) <= middle
     assert ours == [generation.generate(model, tokenizer, prompts, config) for config in configs]  # no prefix: left padding
+    # Two rows at a time: a prompt joins as soon as a row ends, and padding is cut out as soon as all rows have it.
+    monkeypatch.setattr(generation, "COMPACT_AT", 1)
+    joins, shifts = [], []
+    admit, shift_left = generation.LiveBatch.admit, generation.LiveBatch.shift_left
+    monkeypatch.setattr(generation.LiveBatch, "admit", lambda self, *a: joins.append(len(self.index)) or admit(self, *a))
+    monkeypatch.setattr(generation.LiveBatch, "shift_left", lambda self, n: shifts.append(n) or shift_left(self, n))
+    for config, expected in zip(configs, ours):
+        streamed = dict(pair for finished in generation.stream(model, tokenizer, prompts, config, 2, prefix) for pair in finished)
+        assert [streamed[i] for i in range(len(prompts))] == expected
+    assert any(joins) and shifts  # rows joined a running batch, and the cache was shifted
     monkeypatch.setattr(generation, "runs_greedy_loop", lambda model, config: False)
     assert ours == [[generation.generate(model, tokenizer, [prompt], config)[0] for prompt in prompts] for config in configs]
 
@@ -126,7 +136,7 @@ def test_greedy_loop_gives_what_transformers_generate_gives(tiny_model_dir, data
 def test_shared_prefix_is_the_common_token_prefix(tiny_model_dir):
     """Tokens, not text: prompts that share "Tom has 3 app" but tokenize it differently share only what their
     tokens share; a prompt that is all prefix keeps its last token; and a window the padding could shift
-    (GPT-Neo's local attention) turns the prefix off."""
+    (GPT-Neo's local attention), by up to COMPACT_AT columns more than a row's own length, turns the prefix off."""
     _, tokenizer = load_for_inference(resolve_checkpoint(tiny_model_dir("llama")))
     prompts = ["Tom has 3 apples and", "Tom has 3 apply", "Tom has 3 apples and 5"]
     rows = tokenizer(prompts)["input_ids"]
@@ -134,7 +144,7 @@ def test_shared_prefix_is_the_common_token_prefix(tiny_model_dir):
     common = next(i for i, column in enumerate(zip(*rows)) if len(set(column)) > 1)
     assert prefix.ids == rows[0][:common] and tokenizer.decode(prefix.ids) != "<s>Tom has 3 app"
     assert generation.SharedPrefix(tokenizer, prompts[::2]).ids == rows[0][:-1]
-    windowed = SimpleNamespace(config=SimpleNamespace(window_size=len(rows[2]) + 23))
+    windowed = SimpleNamespace(config=SimpleNamespace(window_size=len(rows[2]) + 23 + generation.COMPACT_AT))
     assert generation.prefix_fits(windowed, prefix, rows, 23) and not generation.prefix_fits(windowed, prefix, rows, 24)
 
 
@@ -186,15 +196,17 @@ def test_resume_after_interruption_redoes_nothing(tmp_path, checkpoint, data_dir
     flags = dict(lora_weights=checkpoint, dataset="SVAMP", data_dir=data_dir, max_examples=8, batch_size=2)
     reference = run(tmp_path / "uninterrupted", **flags)
 
-    real_generate, calls = evaluation.generate, []
+    real_stream, made = evaluation.stream, []
 
-    def generate_then_crash(model, tokenizer, prompts, config, prefix):
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # the third batch never finishes
-        calls.append(prompts)
-        return real_generate(model, tokenizer, prompts, config, prefix)
+    def stream_then_crash(model, tokenizer, prompts, config, batch_size, prefix):
+        for finished in real_stream(model, tokenizer, prompts, config, batch_size, prefix):
+            for i, response in finished:
+                yield [(i, response)]
+                made.append(prompts[i])
+                if len(made) == 4:
+                    raise KeyboardInterrupt  # the other four are never finished
 
-    monkeypatch.setattr("peft_ext.evaluation.generate", generate_then_crash)
+    monkeypatch.setattr("peft_ext.evaluation.stream", stream_then_crash)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "interrupted", **flags)
     folder = os.path.join(tmp_path / "interrupted" / "out", "llama-llama-lora", "SVAMP")
@@ -203,10 +215,9 @@ def test_resume_after_interruption_redoes_nothing(tmp_path, checkpoint, data_dir
         f.write('{"index": 7, "prompt": "Below is')  # a line cut short by the crash
 
     seen = []
-    monkeypatch.setattr("peft_ext.evaluation.generate", lambda m, t, p, c, x: seen.extend(p) or real_generate(m, t, p, c, x))
+    monkeypatch.setattr("peft_ext.evaluation.stream", lambda m, t, p, c, b, x: seen.extend(p) or real_stream(m, t, p, c, b, x))
     run(tmp_path / "interrupted", **flags)
-    done_first = {prompt for batch in calls for prompt in batch}
-    assert len(seen) == 4 and not done_first & set(seen)  # only the four missing examples were generated
+    assert len(seen) == 4 and not set(made) & set(seen)  # only the four missing examples were generated
     resumed = predictions(folder)
     assert [r["index"] for r in resumed] == list(range(8))
     assert resumed == predictions(os.path.join(reference, "llama-llama-lora", "SVAMP"))
