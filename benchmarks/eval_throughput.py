@@ -155,13 +155,22 @@ class Run:
     responses: list[str] = field(default_factory=list)
     wall: float = 0.0
     cpu: float = 0.0
+    calls: list[int] = field(default_factory=list)  # rows of each forward call of the model
 
     def measure(self, model) -> None:
-        """Wall and CPU seconds of this process: on a shared machine, CPU time shows the work done even
-        when other jobs stretch the wall time."""
+        """Wall and CPU seconds of this process (on a shared machine, CPU time shows the work done even when
+        other jobs stretch the wall time), and the model's forward calls: a count that no machine changes,
+        and where a step's cost hardly depends on its rows (a large model on a GPU), what the time follows."""
+        network = model.get_base_model() if hasattr(model, "get_base_model") else model
+        hook = network.register_forward_pre_hook(
+            lambda module, args, kwargs: self.calls.append(len(kwargs.get("input_ids", args[0] if args else None))),
+            with_kwargs=True)
         wall, cpu = time.perf_counter(), time.process_time()
-        self.responses = self.decode(model)
-        self.wall, self.cpu = time.perf_counter() - wall, time.process_time() - cpu
+        try:
+            self.responses = self.decode(model)
+        finally:
+            self.wall, self.cpu = time.perf_counter() - wall, time.process_time() - cpu
+            hook.remove()
 
 
 def mergeable(adapter_dir: str) -> bool:
@@ -182,20 +191,23 @@ def write_table(runs: list[Run], conditions: str) -> None:
     baseline = {(run.role, run.weights): run for run in runs if run.role}
     responses = {run.label: run.responses for run in runs}
     n = len(runs[0].responses)
-    rows = [f"| path | batch | beams | KV cache | wall s | CPU s | examples/s | × (a), {basis} | × (b), {basis} | "
-            f"× (b'), {basis} | outputs equal to |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [f"| path | batch | beams | KV cache | forward calls | rows per call | wall s | CPU s | examples/s | "
+            f"× (a), {basis} | × (b), {basis} | × (b'), {basis} | outputs equal to |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     records = []
     for run in runs:
         equal = sum(x == y for x, y in zip(run.responses, responses[run.same_as])) if run.same_as else None
         ratios = {role: round(cost(baseline[role, "adapter" if role == "a" else run.weights]) / cost(run), 2)
                   for role in ("a", "b", "b'")}
+        per_call = sum(run.calls) / len(run.calls)
         record = dict(path=run.label, batch_size=run.batch, num_beams=run.beams, kv_cache=run.kv_cache,
-                      seconds=round(run.wall, 2), cpu_seconds=round(run.cpu, 2), examples_per_s=round(n / run.wall, 3),
+                      forward_calls=len(run.calls), rows_per_call=round(per_call, 1), seconds=round(run.wall, 2), cpu_seconds=round(run.cpu, 2), examples_per_s=round(n / run.wall, 3),
                       speedup_over_a=ratios["a"], speedup_over_b=ratios["b"], speedup_over_b_evaluate=ratios["b'"],
                       outputs_equal=f"{equal}/{n} of {run.same_as.split(',')[0]}" if run.same_as else "—")
         records.append(record)
         over = " | ".join(f"{ratios[role]:.1f}×" for role in ("a", "b", "b'"))
-        rows.append(f"| {run.label} | {run.batch} | {run.beams} | {run.kv_cache} | {run.wall:.2f} | {run.cpu:.2f} | "
+        rows.append(f"| {run.label} | {run.batch} | {run.beams} | {run.kv_cache} | {len(run.calls):,} | {per_call:.1f} | "
+                    f"{run.wall:.2f} | {run.cpu:.2f} | "
                     f"{n / run.wall:.2f} | {over} | {record['outputs_equal']} |")
     table = "\n".join(rows) + f"\n\n{conditions}\n"
     print(table)

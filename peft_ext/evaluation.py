@@ -4,7 +4,7 @@ Per set, a folder OUTPUT/DATASET holds:
 - `settings.json`: what made the predictions (model, adapter, template, decoding, data file hash); a
   re-run with other settings is refused rather than mixed in;
 - `predictions.jsonl`: one line per example (index, prompt, response, prediction, label, correct),
-  appended and flushed as each batch ends, so an interrupted run resumes where it stopped; under
+  appended and flushed as each example finishes, so an interrupted run resumes where it stopped; under
   torchrun each rank appends to `predictions.rankN.jsonl`, merged into predictions.jsonl at the end;
 - `metrics.json`: written atomically once every example is scored.
 """
