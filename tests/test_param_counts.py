@@ -10,7 +10,6 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from peft import get_peft_model  # noqa: E402
 from peft_ext import adapters  # noqa: E402
 
 # The published shapes of the three base models.

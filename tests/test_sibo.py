@@ -1,6 +1,5 @@
 """SIBO: the initial token embeddings mixed into the input of LoRA and bottleneck adapter branches."""
 import json
-import warnings
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import AutoModelForCausalLM
 
 from peft import LoraConfig, PeftModel
-from peft_ext import adapters, sibo
+from peft_ext import adapters
 from peft_ext.errors import UsageError
 
 IDS = torch.tensor([[1, 5, 17, 42, 99, 7, 3, 250], [1, 8, 8, 64, 120, 200, 31, 2]])
