@@ -148,6 +148,28 @@ def test_shared_prefix_is_the_common_token_prefix(tiny_model_dir):
     assert generation.prefix_fits(windowed, prefix, rows, 23) and not generation.prefix_fits(windowed, prefix, rows, 24)
 
 
+@pytest.mark.parametrize("family", ["llama", "bloom"])
+def test_a_row_left_alone_after_a_long_one_decodes_as_if_alone(tiny_model_dir, family):
+    """When the long prompt's row leaves, the short one's padding (wider than its own tokens) is cut out of the
+    cache; its next tokens must still be transformers' greedy ones for it alone."""
+    model, tokenizer = load_for_inference(resolve_checkpoint(tiny_model_dir(family)))
+    long, short = tokenizer(["Tom has 3 apples and buys 5 more apples at the shop. " * 4, "Tom has"])["input_ids"]
+    assert len(long) - len(short) > generation.COMPACT_AT
+    alone = model.generate(torch.tensor([short]), generation_config=generation.decoding_config(model, tokenizer, 8))
+    batch = generation.LiveBatch(model, 2, [], {}, positional=family != "bloom")
+    with torch.inference_mode():
+        batch.admit([long, short], [0, 1])
+        tokens = [batch.next_ids[1].item()]
+        batch.step()
+        tokens.append(batch.next_ids[1].item())
+        batch.drop(torch.tensor([True, False]))  # the long row ends: the short one is all that is left
+        assert batch.end == len(short) + 1 and batch.index == [1]  # its padding is gone
+        for _ in range(6):
+            batch.step()
+            tokens.append(batch.next_ids[0].item())
+    assert tokens == alone[0, len(short):].tolist()
+
+
 def test_finished_rows_leave_by_the_fewest_moves():
     finished = torch.tensor([False, True, False, True, False, False])
     assert generation.survivors(finished).tolist() == [0, 4, 2, 5]  # rows 0 and 2 stay; 4 and 5 take 1's and 3's places
