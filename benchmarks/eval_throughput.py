@@ -129,7 +129,9 @@ def main(base_model: str = "", lora_weights: str = "",
         runs += merged_runs
 
     lengths = [len(ids) for ids in tokenizer(runs[1].responses)["input_ids"]]
-    model_name = checkpoint.base_model + (f" + {checkpoint.adapter_dir}" if checkpoint.adapter_dir else "")
+    shown = [os.path.relpath(path, ROOT) if path.startswith(ROOT + os.sep) else path
+             for path in (checkpoint.base_model, checkpoint.adapter_dir) if path]  # this repository's paths, relative
+    model_name = " + ".join(shown)
     conditions = (f"{len(prompts)} SVAMP prompts, up to {budget} new tokens; model: {model_name}; greedy responses "
                   f"of {sum(lengths) / len(lengths):.0f} tokens on average (longest {max(lengths)}); device: "
                   f"{'cuda: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}, "
