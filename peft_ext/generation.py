@@ -327,9 +327,6 @@ def greedy_stream(model, tokenizer, rows: list[list[int]], config: GenerationCon
     # Enough trailing tokens to hold a whole stop string (every token is at least one character), plus one so
     # that a stop string starting with a space is not cut at the start of the decoded tail.
     tail = max((len(s) for s in stop), default=0) + 1
-    if config.max_new_tokens < 1:
-        yield [(i, []) for i in range(len(rows))]
-        return
 
     prefix_kv = prefix.kv(model) if prefix_fits(model, prefix, rows, config.max_new_tokens) else []
     batch = LiveBatch(model, batch_size, prefix_kv, extra, positional)
