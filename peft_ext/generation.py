@@ -284,7 +284,8 @@ class LiveBatch:
         keep = survivors(finished)
         moved = (keep != torch.arange(len(keep), device=keep.device)).nonzero().squeeze(1)
         for tensor in [self.mask] + [buffer for layer in self.layers for buffer in layer.buffers]:
-            tensor[moved] = tensor[keep[moved]]
+            # a model spread over several GPUs keeps each layer's cache on that layer's device
+            tensor[moved.to(tensor.device)] = tensor[keep[moved].to(tensor.device)]
         rows = keep.tolist()
         self.index, self.starts = [self.index[k] for k in rows], [self.starts[k] for k in rows]
         self.next_ids, self.positions = self.next_ids[keep], self.positions[keep]
