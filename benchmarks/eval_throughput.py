@@ -203,7 +203,8 @@ def write_table(runs: list[Run], conditions: str) -> None:
                   for role in ("a", "b", "b'")}
         per_call = sum(run.calls) / len(run.calls)
         record = dict(path=run.label, batch_size=run.batch, num_beams=run.beams, kv_cache=run.kv_cache,
-                      forward_calls=len(run.calls), rows_per_call=round(per_call, 1), seconds=round(run.wall, 2), cpu_seconds=round(run.cpu, 2), examples_per_s=round(n / run.wall, 3),
+                      forward_calls=len(run.calls), rows_per_call=round(per_call, 1), seconds=round(run.wall, 2),
+                      cpu_seconds=round(run.cpu, 2), examples_per_s=round(n / run.wall, 3),
                       speedup_over_a=ratios["a"], speedup_over_b=ratios["b"], speedup_over_b_evaluate=ratios["b'"],
                       outputs_equal=f"{equal}/{n} of {run.same_as.split(',')[0]}" if run.same_as else "—")
         records.append(record)

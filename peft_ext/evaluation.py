@@ -245,7 +245,8 @@ class Evaluation:
         ranks.barrier()  # every rank has read the files before any rank appends to them
         prompts = [prompter.prompt(r["instruction"], r.get("input")) for r in task.examples]
         lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
-        # Longest first: batches of like lengths waste little padding, and memory runs out at once if at all.
+        # Ranks take turns down the length order, so each gets as much reading and decoding; `stream` decodes them
+        # longest first, so memory runs out at once if at all.
         pending = sorted((i for i in range(len(prompts)) if i not in done), key=lambda i: -lengths[i])
         mine = pending[ranks.rank :: ranks.world]
         stop = tuple(prompter.template.get("stop", [])) + (prompter.template["response_split"],)

@@ -218,8 +218,7 @@ class LiveBatch:
         its own longest; a prompt's first new token becomes its row's newest token."""
         if not self.index:  # an empty batch starts over, right after the prefix
             self.end = len(prompts[0])
-        own = len(prompts[0]) - self.shared
-        assert self.end - self.shared >= own, "prompts must come longest first"
+        assert self.end >= len(prompts[0]), "prompts must come longest first"
         self.reserve(self.end)
         device = self.model.device
         for start in range(0, len(prompts), PREFILL_ROWS):
