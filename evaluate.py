@@ -11,6 +11,7 @@ from peft_ext import answers
 from peft_ext.checkpoint import adapter_dir_flag, load_for_inference, resolve_checkpoint
 from peft_ext.errors import UsageError, run_cli
 from peft_ext.evaluation import Evaluation, Ranks, append_result, dataset_items, paper_table, resolve_tasks
+from peft_ext.files import write_text_atomic
 
 
 def main(
@@ -104,9 +105,7 @@ def main(
     accuracy = {name: m["accuracy"] for name, m in metrics.items()}
     for suite in dict.fromkeys(s.lower() for s in dataset_items(dataset) if s.lower() in answers.SUITES):
         table = paper_table(model_label, adapter_label, suite, accuracy)
-        os.makedirs(run.run_dir, exist_ok=True)
-        with open(os.path.join(run.run_dir, f"{suite}.md"), "w") as f:
-            f.write(table)
+        write_text_atomic(os.path.join(run.run_dir, f"{suite}.md"), table)
         print(f"\n{table}")
 
 

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from peft_ext import answers
 from peft_ext.answers import Benchmark
 from peft_ext.errors import UsageError
-from peft_ext.files import write_json_atomic
+from peft_ext.files import atomic_open, write_json_atomic
 from peft_ext.generation import SharedPrefix, decoding_config, stream
 
 PREDICTIONS = "predictions.jsonl"
@@ -291,10 +291,8 @@ class Evaluation:
         folder, benchmark = self.task_dir(task), task.benchmark
         by_index = {r["index"]: r for r in self._all_predictions(folder)}
         merged = [by_index[i] for i in sorted(by_index)]
-        tmp = os.path.join(folder, PREDICTIONS + ".tmp")
-        with open(tmp, "w") as f:
+        with atomic_open(os.path.join(folder, PREDICTIONS)) as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in merged)
-        os.replace(tmp, os.path.join(folder, PREDICTIONS))
         for name in os.listdir(folder):
             if name.startswith("predictions.rank"):
                 os.remove(os.path.join(folder, name))
