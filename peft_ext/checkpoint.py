@@ -54,15 +54,28 @@ def _canonical(path: str) -> str:
     return os.path.realpath(path) if os.path.exists(path) else path
 
 
-def _read_run_args(adapter_dir: str) -> dict:
+def _read_run_record(adapter_dir: str) -> dict:
     path = os.path.join(adapter_dir, RUN_FILE)
     if not os.path.isfile(path):
         return {}
     try:
         with open(path) as f:
-            return json.load(f).get("args", {})
-    except (json.JSONDecodeError, AttributeError):
-        raise UsageError(f"{path} is not a JSON object with an 'args' object; fix or remove it") from None
+            record = json.load(f)
+    except json.JSONDecodeError:
+        record = None
+    if not isinstance(record, dict) or not isinstance(record.get("args", {}), dict):
+        raise UsageError(f"{path} is not a JSON object with an 'args' object; fix or remove it")
+    return record
+
+
+def _trained_base_model(record: dict) -> str:
+    """The base model run.json names: as finetune.py was given it, unless that is a relative path that does
+    not resolve from here and the absolute folder it resolved to then still exists."""
+    given = record.get("args", {}).get("base_model") or ""
+    trained_from = record.get("base_model_dir")
+    if given and not os.path.isabs(given) and not os.path.exists(given) and trained_from and os.path.isdir(trained_from):
+        return trained_from
+    return given
 
 
 def _check_adapter_dir(adapter_dir: str) -> dict:
@@ -83,14 +96,15 @@ def adapter_dir_flag(lora_weights: str, weights_path: str) -> str:
 
 
 def resolve_checkpoint(base_model: str = "", adapter_dir: str = "", prompt_template_name: str = "") -> Checkpoint:
-    """The base model comes from the flag, else run.json, else adapter_config.json's base_model_name_or_path,
-    else (with no adapter either) the bundled tiny model;
+    """The base model comes from the flag, else run.json (`_trained_base_model`), else adapter_config.json's
+    base_model_name_or_path, else (with no adapter either) the bundled tiny model;
     the template from the flag, else the checkpoint's (or merged model's) prompt_template.json, else alpaca."""
-    run_args, adapter_config = {}, {}
+    record, adapter_config = {}, {}
     if adapter_dir:
         adapter_config = _check_adapter_dir(adapter_dir)
-        run_args = _read_run_args(adapter_dir)
-    base_model = base_model or run_args.get("base_model") or adapter_config.get("base_model_name_or_path") or ""
+        record = _read_run_record(adapter_dir)
+    run_args = record.get("args", {})
+    base_model = base_model or _trained_base_model(record) or adapter_config.get("base_model_name_or_path") or ""
     if not base_model and adapter_dir:
         raise UsageError(f"no --base_model given and {adapter_dir}/{RUN_FILE} names none; pass --base_model PATH_OR_HUB_ID")
     if not base_model:

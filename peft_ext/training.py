@@ -316,6 +316,9 @@ def run_record(args: dict, trainer: Trainer, result, trainable: int, total: int,
     memory, memory_kind = peak_memory()
     return {
         "args": args,
+        # The base model's folder made absolute, which evaluate.py and the exports fall back on when a relative
+        # --base_model does not resolve from their own working directory; None for a hub id.
+        "base_model_dir": os.path.realpath(args["base_model"]) if os.path.isdir(args["base_model"]) else None,
         "adapter": resolve(args["adapter_name"], {})[0],
         "versions": _versions(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)",

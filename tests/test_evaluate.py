@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -212,6 +213,23 @@ def test_base_model_alone_and_merged_model(tmp_path, checkpoint, tiny_model_dir,
     adapter = run(tmp_path, lora_weights=checkpoint, dataset="AddSub", data_dir=data_dir, max_examples=3)
     responses = lambda out, label: [r["response"] for r in predictions(os.path.join(out, label, "AddSub"))]  # noqa: E731
     assert responses(merged, "merged-base") == responses(adapter, "llama-llama-lora")
+
+
+def test_a_relative_base_model_resolves_from_another_directory(tmp_path, checkpoint, tiny_model_dir, data_dir, monkeypatch):
+    """finetune.py ran in `work` with --base_model models/base; evaluate.py runs elsewhere."""
+    shutil.copytree(tiny_model_dir("llama"), tmp_path / "work" / "models" / "base")
+    adapter = shutil.copytree(checkpoint, tmp_path / "adapter")
+    record = {"args": {"base_model": "models/base"}, "base_model_dir": str(tmp_path / "work" / "models" / "base")}
+    (adapter / "run.json").write_text(json.dumps(record))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert resolve_checkpoint(adapter_dir=str(adapter)).base_model == record["base_model_dir"]
+    relative = run(tmp_path, lora_weights=str(adapter), dataset="AddSub", data_dir=data_dir, max_examples=3)
+    monkeypatch.chdir(tmp_path / "work")  # where the given path resolves, it wins
+    assert resolve_checkpoint(adapter_dir=str(adapter)).base_model == "models/base"
+    straight = run(tmp_path / "work", lora_weights=checkpoint, dataset="AddSub", data_dir=data_dir, max_examples=3)
+    responses = lambda out, label: [r["response"] for r in predictions(os.path.join(out, label, "AddSub"))]  # noqa: E731
+    assert responses(relative, "base-adapter") == responses(straight, "llama-llama-lora")
 
 
 def test_resume_after_interruption_redoes_nothing(tmp_path, checkpoint, data_dir, monkeypatch):

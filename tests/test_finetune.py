@@ -103,6 +103,7 @@ def test_output_directory_contract(tiny_model_dir, data_file, tmp_path):
     assert json.loads((out / "prompt_template.json").read_text())["name"] == "vicuna"
     record = json.loads((out / "run.json").read_text())
     assert record["args"]["adapter_name"] == "lora" and record["adapter"] == "lora"
+    assert record["base_model_dir"] == os.path.realpath(tiny_model_dir("llama"))
     assert record["versions"]["peft"] and record["versions"]["transformers"]
     assert record["tokens_seen"] > 0 and record["peak_memory_bytes"] > 0 and record["wall_seconds"] > 0
     assert record["final_val_loss"] is not None and record["train_examples"] == 3
