@@ -4,3 +4,11 @@ Importing the package imports nothing heavy, so small modules such as `peft_ext.
 Our own adapter methods register with peft when `peft_ext.tuners` is imported; the modules that build or load
 adapters (`peft_ext.adapters`, `peft_ext.modeling.load_adapter`) import it themselves.
 """
+import logging
+import warnings
+
+# Third-party noise on every run, about nothing these scripts depend on: bitsandbytes' CPU backend says at import
+# that an optional kernel from the hub is not installed (its CPU 4-bit path works without it), and peft 0.21 reads
+# a model property that transformers 5 deprecated.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)

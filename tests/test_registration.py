@@ -14,10 +14,12 @@ REGISTERED = (
 )
 
 
-def fresh_python(code: str) -> list[str]:
-    """The words `code` prints, run by a new interpreter in the repository root."""
+def fresh_python(code: str, stderr: list[str] | None = None) -> list[str]:
+    """The words `code` prints, run by a new interpreter in the repository root (its stderr appended to `stderr`)."""
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+    if stderr is not None:
+        stderr.append(done.stderr)
     return done.stdout.split()
 
 
@@ -47,13 +49,16 @@ def test_plain_peft_loads_our_adapters_after_importing_the_tuners(llama, bottlen
 
 
 def test_the_scripts_load_our_adapters_through_load_adapter(bottleneck_checkpoint):
-    """evaluate.py, generate.py and the export scripts import nothing for it."""
+    """evaluate.py, generate.py and the export scripts import nothing for it, and see no third-party noise."""
+    stderr = []
     words = fresh_python(
         "from peft_ext.checkpoint import load_for_inference, resolve_checkpoint\n"
         f"model, _ = load_for_inference(resolve_checkpoint('', {bottleneck_checkpoint!r}))\n"
-        "print(type(model.base_model).__name__)\n"
+        "print(type(model.base_model).__name__)\n",
+        stderr,
     )
     assert words == ["BottleneckModel"]
+    assert "gemm_4bit_forward" not in stderr[0] and "is_gradient_checkpointing" not in stderr[0], stderr[0]
 
 
 @pytest.mark.parametrize(
