@@ -7,8 +7,27 @@ adapters (`peft_ext.adapters`, `peft_ext.modeling.load_adapter`) import it thems
 import logging
 import warnings
 
+
+class _Once(logging.Filter):
+    """Lets each distinct message through once."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
 # Third-party noise on every run, about nothing these scripts depend on: bitsandbytes' CPU backend says at import
 # that an optional kernel from the hub is not installed (its CPU 4-bit path works without it), and peft 0.21 reads
 # a model property that transformers 5 deprecated.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+# bitsandbytes' 8-bit matmul logs that it casts its input to float16 at every call of every layer (thousands of
+# lines per run in bf16 or fp32); once is enough.
+logging.getLogger("bitsandbytes.autograd._functions").addFilter(_Once())

@@ -1,6 +1,7 @@
 """evaluate.py end to end on tiny random models and a few real examples of ../shared/data/eval."""
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import signal
@@ -230,6 +231,14 @@ def test_a_relative_base_model_resolves_from_another_directory(tmp_path, checkpo
     straight = run(tmp_path / "work", lora_weights=checkpoint, dataset="AddSub", data_dir=data_dir, max_examples=3)
     responses = lambda out, label: [r["response"] for r in predictions(os.path.join(out, label, "AddSub"))]  # noqa: E731
     assert responses(relative, "base-adapter") == responses(straight, "llama-llama-lora")
+
+
+def test_8bit_model_logs_its_input_cast_once(tmp_path, checkpoint, data_dir, caplog):
+    """bitsandbytes' 8-bit matmul logs its float16 cast at every call of every layer; peft_ext lets it through once."""
+    caplog.set_level(logging.WARNING, logger="bitsandbytes")
+    out = run(tmp_path, lora_weights=checkpoint, dataset="AddSub", data_dir=data_dir, max_examples=4, load_8bit=True)
+    assert len(predictions(os.path.join(out, "llama-llama-lora", "AddSub"))) == 4
+    assert sum("MatMul8bitLt" in r.getMessage() for r in caplog.records) <= 1
 
 
 def test_resume_after_interruption_redoes_nothing(tmp_path, checkpoint, data_dir, monkeypatch):
