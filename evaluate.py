@@ -24,7 +24,7 @@ def main(
     data_dir: str = "data",
     output_dir: str = "experiment",
     prompt_template_name: str = "",  # default: the checkpoint's prompt_template.json, else alpaca
-    batch_size: int = 16,  # examples decoded together; greedy gives a finished one's place to the next at once
+    batch_size: int = 16,  # examples decoded together; halved if the GPU runs out of memory
     num_beams: int = 1,
     temperature: float = 0.0,  # 0: greedy (or beam search); above 0: sampling
     max_new_tokens: int = 0,  # 0: each set's default (256 math, 32 commonsense)

@@ -13,7 +13,9 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -260,7 +262,7 @@ class Evaluation:
         start, correct, scored, synced = time.perf_counter(), 0, 0, time.monotonic()
         bar = tqdm(total=len(mine), desc=benchmark.name, disable=not ranks.main, dynamic_ncols=True)
         with open(log, "a") as out:
-            for finished in stream(model, tokenizer, [prompts[i] for i in mine], config, self.batch_size, prefix):
+            for finished in stream_backing_off(model, tokenizer, [prompts[i] for i in mine], config, self.batch_size, prefix, benchmark.name):
                 for j, response in finished:
                     i = mine[j]
                     label = str(task.examples[i]["answer"]).strip()
@@ -323,6 +325,30 @@ class Evaluation:
             }
         write_json_atomic(os.path.join(folder, METRICS), metrics)
         return metrics
+
+
+def stream_backing_off(model, tokenizer, prompts: list[str], config, batch_size: int, prefix: SharedPrefix | None,
+                       name: str) -> Iterator[list[tuple[int, str]]]:
+    """`stream`, except that where the GPU runs out of memory, the prompts not finished yet start again at half
+    the batch size, instead of the run being lost."""
+    left = list(range(len(prompts)))
+    while left:
+        done = set()
+        try:
+            for finished in stream(model, tokenizer, [prompts[i] for i in left], config, batch_size, prefix):
+                finished = [(left[j], response) for j, response in finished]
+                done.update(i for i, _ in finished)
+                yield finished
+            return
+        except torch.OutOfMemoryError:
+            if batch_size == 1:
+                raise UsageError("out of GPU memory at batch size 1: load the model with --load_4bit or --load_8bit, "
+                                 "or lower --max_new_tokens") from None
+            batch_size //= 2
+            left = [i for i in left if i not in done]
+            tqdm.write(f"{name}: out of GPU memory; going on at --batch_size {batch_size}", file=sys.stderr)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # here, once the failed attempt's tensors are gone with its exception
 
 
 # ---- results tables

@@ -19,6 +19,7 @@ from checkpoints import make_checkpoint
 from conftest import ROOT
 from peft_ext import adapters, answers, evaluation, generation
 from peft_ext.checkpoint import load_for_inference, resolve_checkpoint
+from peft_ext.errors import UsageError
 from peft_ext.prompts import Prompter
 from tiny import FAMILIES
 
@@ -273,6 +274,47 @@ def test_resume_after_interruption_redoes_nothing(tmp_path, checkpoint, data_dir
     m, ref = metrics(folder), metrics(os.path.join(reference, "llama-llama-lora", "SVAMP"))
     assert (m["resumed"], m["generated"]) == (4, 4)
     assert (m["accuracy"], m["correct"], m["n"]) == (ref["accuracy"], ref["correct"], ref["n"])
+
+
+def test_out_of_memory_halves_the_batch_and_loses_nothing(tmp_path, checkpoint, data_dir, monkeypatch, capsys):
+    flags = dict(lora_weights=checkpoint, dataset="SVAMP", data_dir=data_dir, max_examples=8)
+    reference = run(tmp_path / "fits", batch_size=2, **flags)
+    real_load, calls = evaluate.load_for_inference, []
+
+    def load_into_small_memory(*args, **kwargs):
+        """A model that runs out of memory at any call of more than two rows after its 14th call, by which the
+        first four prompts are finished (the shared header, the prompts, 11 steps: 12 new tokens at the most)."""
+        model, tokenizer = real_load(*args, **kwargs)
+
+        def check_memory(module, args, kwargs):
+            calls.append(len(kwargs["input_ids"]))
+            if calls[-1] > 2 and len(calls) > 14:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+        model.get_base_model().register_forward_pre_hook(check_memory, with_kwargs=True)
+        return model, tokenizer
+
+    real_stream, asked = evaluation.stream, []
+    monkeypatch.setattr("peft_ext.evaluation.stream", lambda m, t, p, c, b, x: asked.append((len(p), b)) or real_stream(m, t, p, c, b, x))
+    monkeypatch.setattr(evaluate, "load_for_inference", load_into_small_memory)
+    out = run(tmp_path / "small", batch_size=4, **flags)
+    assert "SVAMP: out of GPU memory; going on at --batch_size 2" in capsys.readouterr().err
+    assert asked[0] == (8, 4) and asked[1][1] == 2 and 0 < asked[1][0] <= 4  # only the unfinished ones again
+    assert predictions(os.path.join(out, "llama-llama-lora", "SVAMP")) == predictions(os.path.join(reference, "llama-llama-lora", "SVAMP"))
+
+
+def test_out_of_memory_at_batch_size_one_is_one_clear_line(tmp_path, checkpoint, data_dir, monkeypatch):
+    tried = []
+
+    def no_memory(model, tokenizer, prompts, config, batch_size, prefix):
+        tried.append(batch_size)
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        yield
+
+    monkeypatch.setattr("peft_ext.evaluation.stream", no_memory)
+    with pytest.raises(UsageError, match="^out of GPU memory at batch size 1: load the model with --load_4bit"):
+        run(tmp_path, lora_weights=checkpoint, dataset="SVAMP", data_dir=data_dir, max_examples=8, batch_size=5)
+    assert tried == [5, 2, 1]
 
 
 def test_finished_run_loads_no_model(tmp_path, checkpoint, data_dir, monkeypatch, capsys):
