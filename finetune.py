@@ -10,6 +10,7 @@ and run.json; evaluate.py, generate.py and the export scripts read nothing else.
 import os
 import time
 
+import torch
 from transformers import set_seed
 
 from peft_ext import adapters, bundled, training
@@ -165,6 +166,9 @@ def train(
         record = training.run_record(args, trainer, result, trainable, total, started, len(train_set))
         training.save_final(model, tokenizer, prompter, record, output_dir)
         print(f"saved the {adapters.resolve(adapter_name, {})[0]} adapter to {output_dir}")
+    # Under torchrun: a process group left to the interpreter's exit can abort the process there (gloo's threads).
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
