@@ -12,6 +12,7 @@ from peft_ext.checkpoint import adapter_dir_flag, load_for_inference, resolve_ch
 from peft_ext.errors import UsageError, run_cli
 from peft_ext.evaluation import Evaluation, Ranks, append_result, dataset_items, paper_table, resolve_tasks
 from peft_ext.files import write_text_atomic
+from peft_ext.modeling import parse_dtype
 
 
 def main(
@@ -34,6 +35,7 @@ def main(
     overwrite: bool = False,  # discard earlier predictions of these sets instead of resuming
     load_8bit: bool = False,
     load_4bit: bool = False,
+    dtype: str = "auto",  # auto: bfloat16 (float16) on a GPU, float32 on a CPU; float32 makes greedy output batch-independent
     seed: int = 42,  # for sampling
     trust_remote_code: bool = False,
 ):
@@ -45,7 +47,9 @@ def main(
     column names), `math`, `commonsense`, comma lists, or paths to test.json files; names are read from
     DATA_DIR/NAME/test.json (data/README.md says how to fetch them).
 
-    Decoding is greedy by default. To reproduce the reference: --num_beams 4, --answer_rule paper (AQuA's
+    Decoding is greedy by default. In bfloat16 or float16 (a GPU's default --dtype) a few percent of greedy
+    responses change with the batch size, from rounding; --dtype float32 makes them batch-independent.
+    To reproduce the reference: --num_beams 4, --answer_rule paper (AQuA's
     first capital letter; peft_ext/answers.py documents both rules) and, for checkpoints trained with its
     code, --prompt_template_name llm_adapters_eval (its evaluation prompt's whitespace). Results go to
     OUTPUT_DIR/MODEL-ADAPTER/DATASET/ (predictions.jsonl, settings.json, metrics.json), a row per
@@ -55,13 +59,14 @@ def main(
     # parse
     if batch_size < 1 or num_beams < 1 or max_new_tokens < 0 or temperature < 0:
         raise UsageError("--batch_size and --num_beams must be at least 1, --max_new_tokens and --temperature at least 0")
+    torch_dtype = parse_dtype(dtype)
     checkpoint = resolve_checkpoint(base_model, adapter_dir_flag(lora_weights, weights_path), prompt_template_name)
     tasks, missing = resolve_tasks(dataset, data_dir, max_examples, skip_missing)
     model_label = model or os.path.basename(os.path.normpath(checkpoint.base_model))
     adapter_label = adapter or (os.path.basename(os.path.normpath(checkpoint.adapter_dir)) if checkpoint.adapter_dir else "base")
     run = Evaluation(
         run_dir=os.path.join(output_dir, f"{model_label}-{adapter_label}"),
-        identity={**checkpoint.identity(), "load_8bit": load_8bit, "load_4bit": load_4bit},
+        identity={**checkpoint.identity(torch_dtype), "load_8bit": load_8bit, "load_4bit": load_4bit},
         num_beams=num_beams,
         temperature=temperature,
         max_new_tokens=max_new_tokens,
@@ -79,7 +84,7 @@ def main(
 
     # load (only when there is work: a finished run answers in seconds)
     if pending:
-        lm, tokenizer = load_for_inference(checkpoint, load_8bit, load_4bit, trust_remote_code)
+        lm, tokenizer = load_for_inference(checkpoint, load_8bit, load_4bit, trust_remote_code, torch_dtype)
 
     # run
     for task in pending:

@@ -9,11 +9,12 @@ import json
 import os
 from dataclasses import dataclass, field
 
+import torch
+
 from peft_ext import bundled
 from peft_ext.errors import UsageError
 from peft_ext.modeling import (
     ADAPTER_CONFIG,
-    compute_dtype,
     load_adapter,
     load_base_model,
     load_tokenizer,
@@ -39,13 +40,13 @@ class Checkpoint:
             return self.adapter_dir
         return self.base_model
 
-    def identity(self) -> dict:
+    def identity(self, dtype: torch.dtype) -> dict:
         """What decides the model's outputs, to tell whether saved predictions came from this model."""
         return {
             "base_model": _canonical(self.base_model),
             "lora_weights": _canonical(self.adapter_dir) if self.adapter_dir else None,
             "prompt_template": self.prompter.template,
-            "dtype": str(compute_dtype()).removeprefix("torch."),
+            "dtype": str(dtype).removeprefix("torch."),
         }
 
 

@@ -34,8 +34,8 @@ METRICS = "metrics.json"
 RESULTS = "results.csv"
 RESULT_FIELDS = [
     "finished_at", "model", "adapter", "dataset", "accuracy", "correct", "n", "seconds", "examples_per_s",
-    "num_beams", "temperature", "max_new_tokens", "batch_size", "answer_rule", "prompt_template",
-    "base_model", "lora_weights", "world_size",
+    "num_beams", "temperature", "max_new_tokens", "batch_size", "answer_rule", "prompt_template", "dtype",
+    "load_8bit", "load_4bit", "base_model", "lora_weights", "world_size",
 ]
 
 
@@ -355,11 +355,23 @@ def stream_backing_off(model, tokenizer, prompts: list[str], config, batch_size:
 
 
 def append_result(output_dir: str, row: dict) -> str:
-    """Add one finished set to OUTPUT/results.csv (created with its header); returns the path."""
+    """Add one finished set to OUTPUT/results.csv (created with its header); returns the path. A file from an
+    earlier version first gets the columns it lacks, at its end (its rows and any columns of its own kept)."""
     path = os.path.join(output_dir, RESULTS)
+    fields = RESULT_FIELDS
+    if os.path.isfile(path):
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            header, rows = list(reader.fieldnames or []), list(reader)
+        fields = header + [name for name in RESULT_FIELDS if name not in header]
+        if fields != header:
+            with atomic_open(path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=fields)
+                writer.writeheader()
+                writer.writerows(rows)
     new = not os.path.isfile(path)
     with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=RESULT_FIELDS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         if new:
             writer.writeheader()
         writer.writerow(row)

@@ -21,6 +21,19 @@ def compute_dtype() -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision()]
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """--dtype: auto (the machine's compute dtype), float32, bfloat16 or float16 (fp32, bf16, fp16 too)."""
+    name = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(name.lower(), name.lower())
+    if name == "auto":
+        return compute_dtype()
+    if name not in DTYPES:
+        raise UsageError(f"--dtype {name!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
 def _check_base(base_model: str) -> None:
     if not base_model:
         raise UsageError("--base_model is required: a local model directory or a hub id")
@@ -52,7 +65,7 @@ def load_config(base_model: str, trust_remote_code: bool = False):
     return _from_pretrained(AutoConfig, base_model, trust_remote_code=trust_remote_code)
 
 
-def quantization_config(load_8bit: bool = False, load_4bit: bool = False) -> BitsAndBytesConfig | None:
+def quantization_config(load_8bit: bool = False, load_4bit: bool = False, dtype: torch.dtype | None = None) -> BitsAndBytesConfig | None:
     if load_8bit and load_4bit:
         raise UsageError("--load_8bit and --load_4bit exclude each other; pick one")
     if load_8bit:
@@ -62,7 +75,7 @@ def quantization_config(load_8bit: bool = False, load_4bit: bool = False) -> Bit
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute_dtype(),
+            bnb_4bit_compute_dtype=dtype or compute_dtype(),
         )
     return None
 
@@ -76,7 +89,7 @@ def load_base_model(
     trust_remote_code: bool = False,
 ):
     """The causal LM, optionally quantized by bitsandbytes, in `dtype` (default: the compute dtype)."""
-    quant = quantization_config(load_8bit, load_4bit)
+    quant = quantization_config(load_8bit, load_4bit, dtype)
     if device_map is None and torch.cuda.is_available():
         device_map = {"": int(os.environ.get("LOCAL_RANK", 0))}
     return _from_pretrained(

@@ -1,4 +1,5 @@
 """evaluate.py end to end on tiny random models and a few real examples of ../shared/data/eval."""
+import csv
 import importlib.util
 import json
 import logging
@@ -385,6 +386,7 @@ def test_bad_input_gives_one_line(tmp_path, checkpoint, tiny_model_dir, data_dir
     assert "--dataset is required" in cli(monkeypatch, capsys, "--lora_weights", checkpoint, *out)
     assert "give one" in cli(monkeypatch, capsys, "--lora_weights", checkpoint, "--weights_path", str(tmp_path), "--dataset", "SVAMP", *out)
     assert "answer_rule" in cli(monkeypatch, capsys, "--lora_weights", checkpoint, "--dataset", "AQuA", "--answer_rule", "first", *out)
+    assert "--dtype 'float64' is not one of auto, float32" in cli(monkeypatch, capsys, "--lora_weights", checkpoint, "--dataset", "SVAMP", "--dtype", "float64", *out)
 
 
 def test_other_settings_are_not_mixed_in(tmp_path, checkpoint, data_dir, monkeypatch, capsys):
@@ -396,6 +398,42 @@ def test_other_settings_are_not_mixed_in(tmp_path, checkpoint, data_dir, monkeyp
     assert "num_beams differ" in err and "--overwrite" in err
     run(tmp_path, num_beams=2, overwrite=True, **flags)
     assert metrics(os.path.join(out, "llama-llama-lora", "SVAMP"))["settings"]["num_beams"] == 2
+
+
+def test_dtype_is_chosen_recorded_and_not_mixed_in(tmp_path, checkpoint, data_dir, monkeypatch, capsys):
+    real_load, loaded = evaluate.load_for_inference, []
+
+    def load_noting_the_dtype(*args, **kwargs):
+        model, tokenizer = real_load(*args, **kwargs)
+        loaded.append(model.dtype)
+        return model, tokenizer
+
+    monkeypatch.setattr(evaluate, "load_for_inference", load_noting_the_dtype)
+    flags = dict(lora_weights=checkpoint, dataset="SVAMP", data_dir=data_dir, max_examples=2)
+    out = run(tmp_path, dtype="bf16", **flags)
+    assert loaded == [torch.bfloat16]
+    assert metrics(os.path.join(out, "llama-llama-lora", "SVAMP"))["settings"]["dtype"] == "bfloat16"
+    with open(os.path.join(out, "results.csv"), newline="") as f:
+        assert [row["dtype"] for row in csv.DictReader(f)] == ["bfloat16"]
+    err = cli(monkeypatch, capsys, "--lora_weights", checkpoint, "--dataset", "SVAMP", "--data_dir", data_dir, "--max_examples", "2",
+              "--output_dir", out, "--max_new_tokens", "12", "--batch_size", "4", "--dtype", "float32")
+    assert "dtype differ" in err and "--overwrite" in err
+
+
+def test_results_csv_of_an_earlier_version_gains_the_new_columns(tmp_path, checkpoint, data_dir):
+    old_fields = [f for f in evaluation.RESULT_FIELDS if f not in ("dtype", "load_8bit", "load_4bit")] + ["note"]
+    (tmp_path / "out").mkdir()
+    with open(tmp_path / "out" / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=old_fields)
+        writer.writeheader()
+        writer.writerow({**dict.fromkeys(old_fields, ""), "model": "old", "dataset": "AddSub", "accuracy": "12.5", "note": "kept"})
+    out = run(tmp_path, lora_weights=checkpoint, dataset="SVAMP", data_dir=data_dir, max_examples=2)
+    with open(os.path.join(out, "results.csv"), newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert reader.fieldnames == old_fields + ["dtype", "load_8bit", "load_4bit"]
+    assert (rows[0]["model"], rows[0]["accuracy"], rows[0]["note"], rows[0]["dtype"]) == ("old", "12.5", "kept", "")
+    assert (rows[1]["model"], rows[1]["dataset"], rows[1]["dtype"], rows[1]["load_4bit"]) == ("llama", "SVAMP", "float32", "False")
 
 
 @pytest.mark.slow
