@@ -14,6 +14,7 @@ ratios, and writes it with the run's conditions to benchmarks/results/eval_throu
     python benchmarks/eval_throughput.py        # bundled tiny-math + its LoRA (trained here first if absent)
     python benchmarks/eval_throughput.py --lora_weights ./trained_models/llama-lora --threads 16
     python benchmarks/eval_throughput.py --base_model PATH                 # a base or merged model alone
+    python benchmarks/eval_throughput.py --dtype bfloat16                  # evaluate.py's dtype on a recent GPU
 """
 import json
 import os
@@ -38,6 +39,7 @@ from peft_ext.errors import UsageError, run_cli  # noqa: E402
 from peft_ext.evaluation import PREDICTIONS, Evaluation, Ranks, load_task  # noqa: E402
 from peft_ext.export import check_mergeable  # noqa: E402
 from peft_ext.generation import cut_at_stops  # noqa: E402
+from peft_ext.modeling import parse_dtype  # noqa: E402
 
 RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
 BENCH_ADAPTER = os.path.join(ROOT, "trained_models", "eval-bench-lora")
@@ -87,8 +89,10 @@ def evaluate_path(model, tokenizer, prompter, task, budget: int, batch_size: int
 
 def main(base_model: str = "", lora_weights: str = "",
          data_path: str = os.path.join(ROOT, "..", "shared", "data", "eval", "SVAMP", "test.json"),
-         examples: int = 64, max_new_tokens: int = 0, threads: int = 1):
-    """Measure on --lora_weights (default: tiny-math's LoRA, trained first if absent) or --base_model alone."""
+         examples: int = 64, max_new_tokens: int = 0, threads: int = 1, dtype: str = "float32"):
+    """Measure on --lora_weights (default: tiny-math's LoRA, trained first if absent) or --base_model alone,
+    in --dtype: float32 by default, where batched greedy output equals one at a time (in bfloat16 a few percent
+    of responses change with the batch size, which the "outputs equal" column then shows)."""
     torch.set_num_threads(threads)
     # The tokenizer's thread pool (batch encoding and decoding) would add its threads' CPU time, which swings
     # with the machine's load, to a measurement made on `threads` torch threads.
@@ -97,7 +101,7 @@ def main(base_model: str = "", lora_weights: str = "",
         raise UsageError(f"{data_path} does not exist; data/README.md says how to fetch SVAMP, or pass --data_path")
     adapter_dir = lora_weights or ("" if base_model else bench_adapter())
     checkpoint = resolve_checkpoint(base_model, adapter_dir)
-    model, tokenizer = load_for_inference(checkpoint)
+    model, tokenizer = load_for_inference(checkpoint, dtype=parse_dtype(dtype))
     prompter = checkpoint.prompter
     task = load_task(data_path, answers.get("SVAMP"), examples)
     budget = max_new_tokens or task.benchmark.max_new_tokens
@@ -134,7 +138,7 @@ def main(base_model: str = "", lora_weights: str = "",
     model_name = " + ".join(shown)
     conditions = (f"{len(prompts)} SVAMP prompts, up to {budget} new tokens; model: {model_name}; greedy responses "
                   f"of {sum(lengths) / len(lengths):.0f} tokens on average (longest {max(lengths)}); device: "
-                  f"{'cuda: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}, "
+                  f"{'cuda: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}, {model.dtype}, "
                   f"{threads} torch thread(s), TOKENIZERS_PARALLELISM={os.environ['TOKENIZERS_PARALLELISM']}, "
                   f"on a {os.cpu_count()}-core {platform.machine()} machine "
                   f"(load average {os.getloadavg()[0]:.1f} at the end); torch {torch.__version__}, "
