@@ -166,8 +166,10 @@ def train(
         record = training.run_record(args, trainer, result, trainable, total, started, len(train_set))
         training.save_final(model, tokenizer, prompter, record, output_dir)
         print(f"saved the {adapters.resolve(adapter_name, {})[0]} adapter to {output_dir}")
-    # Under torchrun: a process group left to the interpreter's exit can abort the process there (gloo's threads).
+    # Under torchrun: a process group left to the interpreter's exit can abort the process there (gloo's threads),
+    # and one taken down while another rank is still busy can hang; so all wait for rank 0's save, then end it.
     if torch.distributed.is_initialized():
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 

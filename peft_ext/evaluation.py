@@ -178,7 +178,10 @@ class Ranks:
             torch.distributed.barrier()
 
     def close(self) -> None:
+        """Take the process group down on every rank together, once rank 0 has written the results (a rank
+        that leaves first can hang the others' shutdown)."""
         if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 
 
@@ -257,12 +260,13 @@ class Evaluation:
         log = os.path.join(folder, PREDICTIONS if ranks.world == 1 else f"predictions.rank{ranks.rank}.jsonl")
         drop_partial_line(log)
 
-        prefix = SharedPrefix(tokenizer, [prompts[i] for i in mine]) if mine else None
+        mine_prompts = [prompts[i] for i in mine]
+        prefix = SharedPrefix(tokenizer, mine_prompts) if mine else None
 
         start, correct, scored, synced = time.perf_counter(), 0, 0, time.monotonic()
         bar = tqdm(total=len(mine), desc=benchmark.name, disable=not ranks.main, dynamic_ncols=True)
         with open(log, "a") as out:
-            for finished in stream_backing_off(model, tokenizer, [prompts[i] for i in mine], config, self.batch_size, prefix, benchmark.name):
+            for finished in stream_backing_off(model, tokenizer, mine_prompts, config, self.batch_size, prefix, benchmark.name):
                 for j, response in finished:
                     i = mine[j]
                     label = str(task.examples[i]["answer"]).strip()

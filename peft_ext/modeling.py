@@ -26,7 +26,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def parse_dtype(name: str) -> torch.dtype:
     """--dtype: auto (the machine's compute dtype), float32, bfloat16 or float16 (fp32, bf16, fp16 too)."""
-    name = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(name.lower(), name.lower())
+    name = str(name).lower()
+    name = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(name, name)
     if name == "auto":
         return compute_dtype()
     if name not in DTYPES:
@@ -65,7 +66,8 @@ def load_config(base_model: str, trust_remote_code: bool = False):
     return _from_pretrained(AutoConfig, base_model, trust_remote_code=trust_remote_code)
 
 
-def quantization_config(load_8bit: bool = False, load_4bit: bool = False, dtype: torch.dtype | None = None) -> BitsAndBytesConfig | None:
+def quantization_config(load_8bit: bool = False, load_4bit: bool = False,
+                        dtype: torch.dtype | None = None) -> BitsAndBytesConfig | None:
     if load_8bit and load_4bit:
         raise UsageError("--load_8bit and --load_4bit exclude each other; pick one")
     if load_8bit:
