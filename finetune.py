@@ -11,7 +11,7 @@ import os
 import time
 
 import torch
-from transformers import set_seed
+import transformers  # not `from transformers import set_seed`: that loads bitsandbytes before peft_ext quiets it
 
 from peft_ext import adapters, bundled, training
 from peft_ext.data import load_data, split_validation, tokenize
@@ -142,7 +142,7 @@ def train(
         raise UsageError("no training example has a token to learn from; raise --cutoff_len")
     model = load_base_model(base_model, load_8bit, load_4bit, trust_remote_code=trust_remote_code)
     model = training.prepare_base(model, quantized=load_8bit or load_4bit, checkpointing=use_gradient_checkpointing)
-    set_seed(seed)  # the adapter's random init is part of what a seed reproduces
+    transformers.set_seed(seed)  # the adapter's random init is part of what a seed reproduces
     if resume.warm_start:
         model = training.warm_start(model, resume.warm_start)
     else:

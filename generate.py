@@ -15,7 +15,7 @@ The decoding flags set the page's starting values and plain mode's decoding.
 import json
 import os
 
-from transformers import set_seed
+import transformers  # not `from transformers import set_seed`: that loads bitsandbytes before peft_ext quiets it
 
 from peft_ext import bundled
 from peft_ext.checkpoint import adapter_dir_flag, load_for_inference, resolve_checkpoint
@@ -67,7 +67,7 @@ def main(
 
     # load
     model, tokenizer = load_for_inference(checkpoint, load_8bit, load_4bit, trust_remote_code)
-    set_seed(seed)
+    transformers.set_seed(seed)
     knobs = dict(temperature=temperature, top_p=top_p, top_k=top_k, num_beams=num_beams, max_new_tokens=max_new_tokens)
 
     # run: plain answers, or the page
