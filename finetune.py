@@ -10,11 +10,11 @@ and run.json; evaluate.py, generate.py and the export scripts read nothing else.
 import os
 import time
 
-import torch
 import transformers  # not `from transformers import set_seed`: that loads bitsandbytes before peft_ext quiets it
 
 from peft_ext import adapters, bundled, training
 from peft_ext.data import load_data, split_validation, tokenize
+from peft_ext.distributed import end_process_group
 from peft_ext.errors import UsageError, run_cli
 from peft_ext.modeling import load_base_model, load_tokenizer, parameter_counts
 from peft_ext.prompts import Prompter
@@ -166,11 +166,7 @@ def train(
         record = training.run_record(args, trainer, result, trainable, total, started, len(train_set))
         training.save_final(model, tokenizer, prompter, record, output_dir)
         print(f"saved the {adapters.resolve(adapter_name, {})[0]} adapter to {output_dir}")
-    # Under torchrun: a process group left to the interpreter's exit can abort the process there (gloo's threads),
-    # and one taken down while another rank is still busy can hang; so all wait for rank 0's save, then end it.
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    end_process_group()  # under torchrun, after rank 0's save
 
 
 if __name__ == "__main__":

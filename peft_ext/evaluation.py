@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from peft_ext import answers
 from peft_ext.answers import Benchmark
+from peft_ext.distributed import end_process_group
 from peft_ext.errors import UsageError
 from peft_ext.files import atomic_open, write_json_atomic
 from peft_ext.generation import SharedPrefix, decoding_config, stream
@@ -178,11 +179,8 @@ class Ranks:
             torch.distributed.barrier()
 
     def close(self) -> None:
-        """Take the process group down on every rank together, once rank 0 has written the results (a rank
-        that leaves first can hang the others' shutdown)."""
-        if self.world > 1 and torch.distributed.is_initialized():
-            torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
+        if self.world > 1:
+            end_process_group()
 
 
 # ---- one model over many sets
