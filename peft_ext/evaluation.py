@@ -247,10 +247,10 @@ class Evaluation:
         done = {r["index"] for r in self._all_predictions(folder)}
         ranks.barrier()  # every rank has read the files before any rank appends to them
         prompts = [prompter.prompt(r["instruction"], r.get("input")) for r in task.examples]
-        lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+        rows = tokenizer(prompts)["input_ids"]
         # Ranks take turns down the length order, so each gets as much reading and decoding; `stream` decodes them
         # longest first, so memory runs out at once if at all.
-        pending = sorted((i for i in range(len(prompts)) if i not in done), key=lambda i: -lengths[i])
+        pending = sorted((i for i in range(len(prompts)) if i not in done), key=lambda i: -len(rows[i]))
         mine = pending[ranks.rank :: ranks.world]
         stop = tuple(prompter.template.get("stop", [])) + (prompter.template["response_split"],)
         config = decoding_config(model, tokenizer, settings["max_new_tokens"], self.num_beams, self.temperature, stop)
@@ -258,13 +258,13 @@ class Evaluation:
         log = os.path.join(folder, PREDICTIONS if ranks.world == 1 else f"predictions.rank{ranks.rank}.jsonl")
         drop_partial_line(log)
 
-        mine_prompts = [prompts[i] for i in mine]
-        prefix = SharedPrefix(tokenizer, mine_prompts) if mine else None
+        mine_rows = [rows[i] for i in mine]
+        prefix = SharedPrefix(mine_rows) if mine else None
 
         start, correct, scored, synced = time.perf_counter(), 0, 0, time.monotonic()
         bar = tqdm(total=len(mine), desc=benchmark.name, disable=not ranks.main, dynamic_ncols=True)
         with open(log, "a") as out:
-            for finished in stream_backing_off(model, tokenizer, mine_prompts, config, self.batch_size, prefix, benchmark.name):
+            for finished in stream_backing_off(model, tokenizer, mine_rows, config, self.batch_size, prefix, benchmark.name):
                 for j, response in finished:
                     i = mine[j]
                     label = str(task.examples[i]["answer"]).strip()
@@ -329,15 +329,15 @@ class Evaluation:
         return metrics
 
 
-def stream_backing_off(model, tokenizer, prompts: list[str], config, batch_size: int, prefix: SharedPrefix | None,
+def stream_backing_off(model, tokenizer, rows: list[list[int]], config, batch_size: int, prefix: SharedPrefix | None,
                        name: str) -> Iterator[list[tuple[int, str]]]:
     """`stream`, except that where the GPU runs out of memory, the prompts not finished yet start again at half
     the batch size, instead of the run being lost."""
-    left = list(range(len(prompts)))
+    left = list(range(len(rows)))
     while left:
         done = set()
         try:
-            for finished in stream(model, tokenizer, [prompts[i] for i in left], config, batch_size, prefix):
+            for finished in stream(model, tokenizer, [rows[i] for i in left], config, batch_size, prefix):
                 finished = [(left[j], response) for j, response in finished]
                 done.update(i for i, _ in finished)
                 yield finished

@@ -63,13 +63,12 @@ class SharedPrefix:
     """The tokens that all of a run's prompts start with (the template's header), and their KV cache,
     computed once for the run and reused by every batch, so that no row reads them again.
 
-    The prefix is the longest common prefix of the prompts' token ids, not of their text, whose tokenization
-    could merge across the boundary; less one token where a prompt would be all prefix, since each row must
-    read a token of its own to give the logits of its first new token.
+    The prefix is the longest common prefix of the prompts' token ids (`rows`), not of their text, whose
+    tokenization could merge across the boundary; less one token where a prompt would be all prefix, since each
+    row must read a token of its own to give the logits of its first new token.
     """
 
-    def __init__(self, tokenizer, prompts: list[str]):
-        rows = tokenizer(prompts)["input_ids"]
+    def __init__(self, rows: list[list[int]]):
         shortest = min(len(row) for row in rows)
         common = next((i for i, column in enumerate(zip(*rows)) if len(set(column)) > 1), shortest)
         self.ids = rows[0][:min(common, shortest - 1)]
@@ -88,28 +87,27 @@ def generate(model, tokenizer, prompts: list[str], config: GenerationConfig, pre
     """The responses to `prompts` (new text only, cut at the stop strings, stripped), in their order, from one
     batch of them all. Each row's result is the same as generating it alone."""
     responses = [""] * len(prompts)
-    for finished in stream(model, tokenizer, prompts, config, len(prompts), prefix):
+    for finished in stream(model, tokenizer, tokenizer(prompts)["input_ids"], config, len(prompts), prefix):
         for i, response in finished:
             responses[i] = response
     return responses
 
 
 @torch.inference_mode()
-def stream(model, tokenizer, prompts: list[str], config: GenerationConfig, batch_size: int,
+def stream(model, tokenizer, rows: list[list[int]], config: GenerationConfig, batch_size: int,
            prefix: SharedPrefix | None = None) -> Iterator[list[tuple[int, str]]]:
-    """The responses to `prompts` as they are finished, in lists of (index in `prompts`, response), at most
-    `batch_size` prompts being decoded at a time, the longest first.
+    """The responses to the prompts `rows` (token ids) as they are finished, in lists of (index in `rows`,
+    response), at most `batch_size` prompts being decoded at a time, the longest first.
 
     Greedy decoding runs our own loop (`greedy_stream`): a finished row makes room for the next prompt at once,
     and `prefix`'s KV cache is reused where it can be. Beams and sampling run transformers' generate on
     left-padded batches of prompts of like lengths.
     """
     stop = tuple(config.stop_strings or ())
-    rows = tokenizer(prompts)["input_ids"]
     if runs_greedy_loop(model, config):
         finished_rows = greedy_stream(model, tokenizer, rows, config, batch_size, prefix)
     else:
-        finished_rows = generate_batches(model, tokenizer, prompts, [len(row) for row in rows], config, batch_size)
+        finished_rows = generate_batches(model, tokenizer, rows, config, batch_size)
     for finished in finished_rows:
         texts = tokenizer.batch_decode([tokens for _, tokens in finished], skip_special_tokens=True)
         yield [(i, cut_at_stops(text, stop).strip()) for (i, _), text in zip(finished, texts)]
@@ -128,12 +126,13 @@ def batches(order: list[int], lengths: list[int], size: int, equal_lengths: bool
         yield batch
 
 
-def generate_batches(model, tokenizer, prompts: list[str], lengths: list[int], config: GenerationConfig, batch_size: int):
+def generate_batches(model, tokenizer, rows: list[list[int]], config: GenerationConfig, batch_size: int):
     """transformers' generate on left-padded batches of like lengths (of equal lengths for the adapters that
     cannot pad); yields each batch's (index, new token ids)."""
-    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    lengths = [len(row) for row in rows]
+    order = sorted(range(len(rows)), key=lambda i: -lengths[i])
     for batch in batches(order, lengths, batch_size, equal_lengths=not pads_safely(model)):
-        inputs = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True, padding_side="left").to(model.device)
+        inputs = tokenizer.pad({"input_ids": [rows[i] for i in batch]}, return_tensors="pt", padding_side="left").to(model.device)
         output = model.generate(**inputs, generation_config=config, tokenizer=tokenizer)
         yield list(zip(batch, output[:, inputs["input_ids"].shape[1]:].tolist()))
 

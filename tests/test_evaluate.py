@@ -109,7 +109,7 @@ def test_greedy_loop_gives_what_transformers_generate_gives(tiny_model_dir, data
     records = json.load(open(os.path.join(data_dir, "SVAMP", "test.json")))[:5]
     prompts = [Prompter.load("alpaca").prompt(r["instruction"]) for r in records]
     rows = tokenizer(prompts)["input_ids"]
-    prefix = generation.SharedPrefix(tokenizer, prompts)
+    prefix = generation.SharedPrefix(rows)
     assert len(prefix.ids) > 10 and generation.prefix_fits(model, prefix, rows, 24)
     assert len({len(row) for row in rows}) > 2  # rows padded by different amounts
     monkeypatch.setattr(generation, "PREFILL_ROWS", 2)  # chunks of different lengths, merged into one cache
@@ -130,7 +130,7 @@ def test_greedy_loop_gives_what_transformers_generate_gives(tiny_model_dir, data
     monkeypatch.setattr(generation.LiveBatch, "admit", lambda self, *a: joins.append(len(self.index)) or admit(self, *a))
     monkeypatch.setattr(generation.LiveBatch, "shift_left", lambda self, n: shifts.append(n) or shift_left(self, n))
     for config, expected in zip(configs, ours):
-        streamed = dict(pair for finished in generation.stream(model, tokenizer, prompts, config, 2, prefix) for pair in finished)
+        streamed = dict(pair for finished in generation.stream(model, tokenizer, rows, config, 2, prefix) for pair in finished)
         assert [streamed[i] for i in range(len(prompts))] == expected
     assert any(joins) and shifts  # rows joined a running batch, and the cache was shifted
     monkeypatch.setattr(generation, "runs_greedy_loop", lambda model, config: False)
@@ -144,10 +144,10 @@ def test_shared_prefix_is_the_common_token_prefix(tiny_model_dir):
     _, tokenizer = load_for_inference(resolve_checkpoint(tiny_model_dir("llama")))
     prompts = ["Tom has 3 apples and", "Tom has 3 apply", "Tom has 3 apples and 5"]
     rows = tokenizer(prompts)["input_ids"]
-    prefix = generation.SharedPrefix(tokenizer, prompts)
+    prefix = generation.SharedPrefix(rows)
     common = next(i for i, column in enumerate(zip(*rows)) if len(set(column)) > 1)
     assert prefix.ids == rows[0][:common] and tokenizer.decode(prefix.ids) != "<s>Tom has 3 app"
-    assert generation.SharedPrefix(tokenizer, prompts[::2]).ids == rows[0][:-1]
+    assert generation.SharedPrefix(rows[::2]).ids == rows[0][:-1]
     windowed = SimpleNamespace(config=SimpleNamespace(window_size=len(rows[2]) + 23 + generation.COMPACT_AT))
     assert generation.prefix_fits(windowed, prefix, rows, 23) and not generation.prefix_fits(windowed, prefix, rows, 24)
 
@@ -249,11 +249,11 @@ def test_resume_after_interruption_redoes_nothing(tmp_path, checkpoint, data_dir
 
     real_stream, made = evaluation.stream, []
 
-    def stream_then_crash(model, tokenizer, prompts, config, batch_size, prefix):
-        for finished in real_stream(model, tokenizer, prompts, config, batch_size, prefix):
+    def stream_then_crash(model, tokenizer, rows, config, batch_size, prefix):
+        for finished in real_stream(model, tokenizer, rows, config, batch_size, prefix):
             for i, response in finished:
                 yield [(i, response)]
-                made.append(prompts[i])
+                made.append(tuple(rows[i]))
                 if len(made) == 4:
                     raise KeyboardInterrupt  # the other four are never finished
 
@@ -266,7 +266,7 @@ def test_resume_after_interruption_redoes_nothing(tmp_path, checkpoint, data_dir
         f.write('{"index": 7, "prompt": "Below is')  # a line cut short by the crash
 
     seen = []
-    monkeypatch.setattr("peft_ext.evaluation.stream", lambda m, t, p, c, b, x: seen.extend(p) or real_stream(m, t, p, c, b, x))
+    monkeypatch.setattr("peft_ext.evaluation.stream", lambda m, t, p, c, b, x: seen.extend(map(tuple, p)) or real_stream(m, t, p, c, b, x))
     run(tmp_path / "interrupted", **flags)
     assert len(seen) == 4 and not set(made) & set(seen)  # only the four missing examples were generated
     resumed = predictions(folder)
