@@ -99,6 +99,7 @@ def _ia3(options: dict, model_type: str) -> PeftConfig:
     return IA3Config(
         target_modules=targets,
         feedforward_modules=[t for t in targets if t.split(".")[-1] in ff_names],
+        fan_in_fan_out=model_type == "gpt2",  # as for LoRA; peft would otherwise set it itself, with a warning
         task_type="CAUSAL_LM",
     )
 

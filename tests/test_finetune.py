@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -163,6 +164,18 @@ def test_packed_training_learns_what_padded_training_learns(family, tiny_model_d
     assert json.loads((tmp_path / "packed" / "adapter_config.json").read_text()) == json.loads(
         (tmp_path / "padded" / "adapter_config.json").read_text()
     )
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+def test_gpt2_conv1d_is_declared_transposed(tiny_model_dir, method):
+    """GPT-2's Conv1D keeps its weight transposed; the config says so from the start, so peft neither has to
+    correct it nor warns the user that it did."""
+    from checkpoints import OPTIONS
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        model = adapters.build(AutoModelForCausalLM.from_pretrained(tiny_model_dir("gpt2")), method, OPTIONS)
+    assert model.peft_config["default"].fan_in_fan_out
 
 
 def test_warm_start_from_finished_adapter(tiny_model_dir, data_file, tmp_path, captured):
