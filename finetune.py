@@ -16,7 +16,7 @@ from peft_ext import adapters, bundled, training
 from peft_ext.data import load_data, split_validation, tokenize
 from peft_ext.distributed import end_process_group
 from peft_ext.errors import UsageError, run_cli
-from peft_ext.modeling import load_base_model, load_tokenizer, parameter_counts
+from peft_ext.modeling import adopt_pad_token, load_base_model, load_tokenizer, parameter_counts
 from peft_ext.prompts import Prompter
 
 
@@ -141,6 +141,7 @@ def train(
     if len(train_set) == 0:
         raise UsageError("no training example has a token to learn from; raise --cutoff_len")
     model = load_base_model(base_model, load_8bit, load_4bit, trust_remote_code=trust_remote_code)
+    adopt_pad_token(model, tokenizer)
     model = training.prepare_base(model, quantized=load_8bit or load_4bit, checkpointing=use_gradient_checkpointing)
     transformers.set_seed(seed)  # the adapter's random init is part of what a seed reproduces
     if resume.warm_start:

@@ -104,6 +104,15 @@ def load_base_model(
     )
 
 
+def adopt_pad_token(model, tokenizer) -> None:
+    """Give a model whose config names no pad token the one `load_tokenizer` chose: the Trainer would align them
+    anyway, with a warning on every run."""
+    configs = [model.config.get_text_config(), getattr(model, "generation_config", None)]
+    for config in configs:
+        if config is not None and config.pad_token_id is None:
+            config.pad_token_id = tokenizer.pad_token_id
+
+
 def read_adapter_config(adapter_dir: str) -> dict:
     path = os.path.join(adapter_dir, ADAPTER_CONFIG)
     if not os.path.isdir(adapter_dir):

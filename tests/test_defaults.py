@@ -1,6 +1,7 @@
 """The offline default: bare `python finetune.py`, then evaluate.py and generate.py on what it trained."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -48,9 +49,13 @@ def test_bundled_test_set_is_listed_with_its_size():
 
 
 def script(name: str, *flags: str, cwd: str) -> str:
+    """Run a script as a user would; it must succeed, and stderr hold progress bars and nothing else."""
     done = subprocess.run([sys.executable, os.path.join(ROOT, name), *flags], capture_output=True, text=True,
                           cwd=cwd, timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]
+    lines = (re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", line).strip() for line in done.stderr.splitlines())  # tqdm's cursor moves
+    other = [line for line in lines if line and not re.search(r"\d+%\|", line)]
+    assert not other, other
     return done.stdout
 
 
