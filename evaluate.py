@@ -17,26 +17,26 @@ from peft_ext.modeling import parse_dtype
 
 def main(
     dataset: str = "",
-    base_model: str = "",  # default: the checkpoint's run.json / adapter_config.json
-    lora_weights: str = "",  # the checkpoint directory; none: the base model alone
-    weights_path: str = "",  # the seed's other name for --lora_weights
-    model: str = "",  # label of the run (default: the base model's folder name)
-    adapter: str = "",  # label of the run (default: the checkpoint's folder name, or "base")
+    base_model: str = "",
+    lora_weights: str = "",
+    weights_path: str = "",
+    model: str = "",
+    adapter: str = "",
     data_dir: str = "data",
     output_dir: str = "experiment",
-    prompt_template_name: str = "",  # default: the checkpoint's prompt_template.json, else alpaca
-    batch_size: int = 16,  # examples decoded together; halved if the GPU runs out of memory
+    prompt_template_name: str = "",
+    batch_size: int = 16,
     num_beams: int = 1,
-    temperature: float = 0.0,  # 0: greedy (or beam search); above 0: sampling
-    max_new_tokens: int = 0,  # 0: each set's default (256 math, 32 commonsense)
-    answer_rule: str = "strict",  # AQuA: strict, or paper (the reference's first capital A-E)
-    max_examples: int = 0,  # 0: all; else the first N of each set
-    skip_missing: bool = False,  # leave absent sets out of a suite instead of stopping
-    overwrite: bool = False,  # discard earlier predictions of these sets instead of resuming
+    temperature: float = 0.0,
+    max_new_tokens: int = 0,
+    answer_rule: str = "strict",
+    max_examples: int = 0,
+    skip_missing: bool = False,
+    overwrite: bool = False,
     load_8bit: bool = False,
     load_4bit: bool = False,
-    dtype: str = "auto",  # auto: bfloat16 (float16) on a GPU, float32 on a CPU; float32 makes greedy output batch-independent
-    seed: int = 42,  # for sampling
+    dtype: str = "auto",
+    seed: int = 42,
     trust_remote_code: bool = False,
 ):
     """Score a base model plus an adapter checkpoint (finetune.py's output_dir, which names its base
@@ -55,6 +55,30 @@ def main(
     OUTPUT_DIR/MODEL-ADAPTER/DATASET/ (predictions.jsonl, settings.json, metrics.json), a row per
     finished set to OUTPUT_DIR/results.csv, and for a suite the paper's table to
     OUTPUT_DIR/MODEL-ADAPTER/SUITE.md. Run the same command again to continue an interrupted run.
+
+    Args:
+        dataset: set names, `math`, `commonsense`, or test.json paths, comma-separated (see above).
+        base_model: base or merged model directory or hub id (default: the checkpoint's run.json / adapter_config.json).
+        lora_weights: the adapter checkpoint directory (finetune.py's output_dir); none: the base model alone.
+        weights_path: the seed's other name for --lora_weights.
+        model: label of the run in folders and tables (default: the base model's folder name).
+        adapter: label of the run in folders and tables (default: the checkpoint's folder name, or "base").
+        data_dir: where set names are looked up, as DATA_DIR/NAME/test.json.
+        output_dir: where predictions, metrics, results.csv and the suite tables go.
+        prompt_template_name: template in templates/ or a JSON path (default: the checkpoint's prompt_template.json, else alpaca).
+        batch_size: examples decoded together; halved and continued if the GPU runs out of memory.
+        num_beams: beam search width (1: greedy or sampling; the reference used 4).
+        temperature: 0: greedy (or beam search); above 0: sampling at this temperature.
+        max_new_tokens: answer budget in tokens (0: each set's default, 256 math, 32 commonsense).
+        answer_rule: AQuA's letter extraction: strict (default) or paper (the reference's first capital A-E).
+        max_examples: score only the first N examples of each set (0: all).
+        skip_missing: leave sets whose file is absent out of a suite instead of stopping.
+        overwrite: discard earlier predictions of these sets instead of resuming them.
+        load_8bit: load the base model in 8-bit (bitsandbytes).
+        load_4bit: load the base model in 4-bit NF4 (bitsandbytes).
+        dtype: auto (bfloat16, or float16, on a GPU; float32 on a CPU), float32, bfloat16 or float16; float32 makes greedy output batch-independent.
+        seed: random seed for sampling.
+        trust_remote_code: allow model code from the hub (off by default: it runs foreign code).
     """
     # parse
     if batch_size < 1 or num_beams < 1 or max_new_tokens < 0 or temperature < 0:

@@ -14,14 +14,25 @@ from peft_ext.errors import run_cli
 
 
 def main(
-    base_model: str = "",  # default: $BASE_MODEL, else the checkpoint's run.json / adapter_config.json
-    lora_weights: str = "",  # the adapter checkpoint directory to merge
-    weights_path: str = "",  # the seed's other name for --lora_weights
+    base_model: str = "",
+    lora_weights: str = "",
+    weights_path: str = "",
     output_dir: str = "./hf_ckpt",
     max_shard_size: str = "5GB",
-    overwrite: bool = False,  # replace a non-empty --output_dir
+    overwrite: bool = False,
     trust_remote_code: bool = False,
 ):
+    """Merge the adapter in --lora_weights into its base model and save a plain transformers model to --output_dir.
+
+    Args:
+        base_model: base model directory or hub id (default: $BASE_MODEL, else the checkpoint's run.json / adapter_config.json).
+        lora_weights: the adapter checkpoint directory to merge (finetune.py's output_dir).
+        weights_path: the seed's other name for --lora_weights.
+        output_dir: the folder to write; it appears only once complete.
+        max_shard_size: largest safetensors file, e.g. 5GB or 500MB.
+        overwrite: replace a non-empty --output_dir.
+        trust_remote_code: allow model code from the hub (off by default: it runs foreign code).
+    """
     # parse and check, then load and merge (nothing loads before every check has passed)
     checkpoint, merged, tokenizer = export.prepare(
         base_model, lora_weights, weights_path, output_dir, overwrite, trust_remote_code

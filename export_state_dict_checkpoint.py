@@ -18,12 +18,21 @@ from peft_ext.errors import run_cli
 
 
 def main(
-    base_model: str = "",  # default: $BASE_MODEL, else the checkpoint's run.json / adapter_config.json
-    lora_weights: str = "",  # the adapter checkpoint directory to merge
-    weights_path: str = "",  # the seed's other name for --lora_weights
+    base_model: str = "",
+    lora_weights: str = "",
+    weights_path: str = "",
     output_dir: str = "./ckpt",
-    overwrite: bool = False,  # replace a non-empty --output_dir
+    overwrite: bool = False,
 ):
+    """Merge the adapter in --lora_weights into its LLaMA base model and save it to --output_dir in Meta's layout.
+
+    Args:
+        base_model: LLaMA base model directory or hub id (default: $BASE_MODEL, else the checkpoint's run.json / adapter_config.json).
+        lora_weights: the adapter checkpoint directory to merge (finetune.py's output_dir).
+        weights_path: the seed's other name for --lora_weights.
+        output_dir: the folder to write; it appears only once complete.
+        overwrite: replace a non-empty --output_dir.
+    """
     # parse and check (LLaMA layout only), then load, merge and rename
     checkpoint, merged, tokenizer = export.prepare(
         base_model, lora_weights, weights_path, output_dir, overwrite, extra_check=export.check_meta_llama

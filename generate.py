@@ -26,27 +26,52 @@ from peft_ext.modeling import ADAPTER_CONFIG
 
 
 def main(
-    base_model: str = "",  # default: the checkpoint's run.json / adapter_config.json
-    lora_weights: str = "",  # the checkpoint directory; default ./trained_models/lora if there, else none
-    weights_path: str = "",  # the seed's other name for --lora_weights
-    prompt_template_name: str = "",  # default: the checkpoint's prompt_template.json, else alpaca
+    base_model: str = "",
+    lora_weights: str = "",
+    weights_path: str = "",
+    prompt_template_name: str = "",
     load_8bit: bool = False,
     load_4bit: bool = False,
-    prompt: str = "",  # plain mode: answer this instruction, print it, exit
-    prompts_file: str = "",  # plain mode: one instruction per line; prints JSON lines
-    batch_size: int = 8,  # plain mode: instructions per generate() call
-    temperature: float = 0.0,  # 0: greedy; above 0: sampling with top_p and top_k
+    prompt: str = "",
+    prompts_file: str = "",
+    batch_size: int = 8,
+    temperature: float = 0.0,
     top_p: float = 0.75,
     top_k: int = 40,
-    num_beams: int = 1,  # above 1: beam search (the page then shows the answer when it is complete)
+    num_beams: int = 1,
     max_new_tokens: int = 128,
-    seed: int = 42,  # for sampling
-    server_name: str = "127.0.0.1",  # 0.0.0.0 to listen on every interface
+    seed: int = 42,
+    server_name: str = "127.0.0.1",
     server_port: int = 7860,
-    share_gradio: bool = False,  # a public gradio.live link: anyone with it can use the model
-    auth: str = "",  # "user:password" to ask for a login
-    trust_remote_code: bool = False,  # run model code from the hub (foreign code: off unless asked)
+    share_gradio: bool = False,
+    auth: str = "",
+    trust_remote_code: bool = False,
 ):
+    """Serve a model plus an adapter checkpoint on a local web page, or print its answers to --prompt or
+    --prompts_file.
+
+    Args:
+        base_model: base or merged model directory or hub id (default: the checkpoint's run.json / adapter_config.json).
+        lora_weights: the adapter checkpoint directory (default: ./trained_models/lora if it is there, else none).
+        weights_path: the seed's other name for --lora_weights.
+        prompt_template_name: template in templates/ or a JSON path (default: the checkpoint's prompt_template.json, else alpaca).
+        load_8bit: load the base model in 8-bit (bitsandbytes).
+        load_4bit: load the base model in 4-bit NF4 (bitsandbytes).
+        prompt: plain mode: answer this instruction, print the answer and exit.
+        prompts_file: plain mode: a text file of one instruction per line; prints a JSON line per instruction.
+        batch_size: plain mode: instructions decoded together.
+        temperature: 0: greedy; above 0: sampling at this temperature, with top_p and top_k.
+        top_p: sampling: keep the smallest set of tokens whose probabilities reach this sum.
+        top_k: sampling: keep the K most likely tokens.
+        num_beams: above 1: beam search (the page then shows the answer once it is complete).
+        max_new_tokens: answer budget in tokens.
+        seed: random seed for sampling.
+        server_name: address the page listens on; 0.0.0.0 for every interface (anyone who can reach the machine).
+        server_port: port of the page.
+        share_gradio: also open a public gradio.live link: anyone with it can use the model.
+        auth: "user:password" to ask for a login on the page.
+        trust_remote_code: allow model code from the hub (off by default: it runs foreign code).
+    """
     # parse
     if prompt and prompts_file:
         raise UsageError("--prompt and --prompts_file exclude each other; give one")

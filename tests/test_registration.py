@@ -1,6 +1,8 @@
 """Our adapter methods register with peft wherever adapters are built or loaded, each time in a fresh
 interpreter (in this one, some earlier import has long registered them), and the small modules stay cheap."""
+import ast
 import os
+import re
 import subprocess
 import sys
 
@@ -75,3 +77,23 @@ def test_the_scripts_start_without_third_party_noise(script):
     machines with AVX512-BF16, this project's CI among them)."""
     done = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "gemm_4bit_forward" not in done.stderr, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("script", ["finetune.py", "evaluate.py", "generate.py", "export_hf_checkpoint.py",
+                                    "export_state_dict_checkpoint.py"])
+def test_help_describes_every_flag(script):
+    """Every parameter of the function a script runs (the argument of its `run_cli`) is listed by --help and
+    followed by a line saying what it does."""
+    tree = ast.parse(open(os.path.join(ROOT, script)).read())
+    entry = next(node.args[0].id for node in ast.walk(tree)
+                 if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "run_cli")
+    function = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == entry)
+    done = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PAGER": "cat"}, timeout=300)
+    lines = (done.stdout + done.stderr).splitlines()
+    for name in [arg.arg for arg in function.args.args]:
+        at = next((i for i, line in enumerate(lines) if re.match(rf"\s+(-\w, )?--{name}=", line)), None)
+        assert at is not None, f"{script}: --{name} is missing from --help"
+        described = [line for line in lines[at + 1:at + 4]
+                     if line.strip() and not line.strip().startswith(("Type:", "Default:", "-"))]
+        assert described, f"{script}: --{name} has no description in --help"
