@@ -81,8 +81,9 @@ def main(
         trust_remote_code: allow model code from the hub (off by default: it runs foreign code).
     """
     # parse
-    if batch_size < 1 or num_beams < 1 or max_new_tokens < 0 or temperature < 0:
-        raise UsageError("--batch_size and --num_beams must be at least 1, --max_new_tokens and --temperature at least 0")
+    if batch_size < 1 or num_beams < 1 or max_new_tokens < 0 or temperature < 0 or max_examples < 0:
+        raise UsageError("--batch_size and --num_beams must be at least 1, --max_new_tokens, --temperature and "
+                         "--max_examples at least 0")
     torch_dtype = parse_dtype(dtype)
     checkpoint = resolve_checkpoint(base_model, adapter_dir_flag(lora_weights, weights_path), prompt_template_name)
     tasks, missing = resolve_tasks(dataset, data_dir, max_examples, skip_missing)

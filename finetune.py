@@ -131,7 +131,7 @@ def train(
     resume = training.resume_plan(resume_from_checkpoint, output_dir, overwrite)
     train_data, _ = load_data(data_path)
     train_data, val_data = split_validation(train_data, val_set_size, seed)
-    training.check_schedule(eval_step, save_step, has_validation=val_data is not None)
+    training.check_schedule(num_epochs, max_steps, eval_step, save_step, has_validation=val_data is not None)
     report = training.reporting(report_to, wandb_project, wandb_run_name, wandb_watch, wandb_log_model)
 
     # Load the tokenizer and data, then the model, then wrap it in the adapter.

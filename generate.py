@@ -14,6 +14,7 @@ The decoding flags set the page's starting values and plain mode's decoding.
 """
 import json
 import os
+import socket
 
 import transformers  # not `from transformers import set_seed`: that loads bitsandbytes before peft_ext quiets it
 
@@ -84,6 +85,8 @@ def main(
             raise UsageError("--auth takes user:password")
         login = (user, password)
     instructions = [str(prompt)] if prompt else _read_instructions(prompts_file) if prompts_file else []
+    if not instructions:
+        _check_port(server_name, server_port)  # now, not after minutes of loading the model
     adapter_dir = adapter_dir_flag(lora_weights, weights_path)
     if not (base_model or adapter_dir) and os.path.isfile(os.path.join(bundled.OUTPUT_DIR, ADAPTER_CONFIG)):
         adapter_dir = bundled.OUTPUT_DIR  # what a bare `python finetune.py` trained
@@ -110,6 +113,18 @@ def main(
         print("warning: no --auth, and other machines can reach the page: anyone who does can use the model")
     app = build_app(model, tokenizer, checkpoint, knobs)
     app.queue().launch(server_name=server_name, server_port=server_port, share=share_gradio, auth=login)
+
+
+def _check_port(host: str, port: int) -> None:
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+        raise UsageError(f"--server_port must be a port number from 1 to 65535, got {port!r}")
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: a port in TIME_WAIT is free
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise UsageError(f"cannot listen on {host}:{port} ({e.strerror}); pass a free --server_port, "
+                             "or check --server_name") from None
 
 
 def _read_instructions(path: str) -> list[str]:

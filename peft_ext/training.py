@@ -47,7 +47,12 @@ def accumulation_steps(batch_size: int, micro_batch_size: int, world_size: int) 
     return batch_size // per_step
 
 
-def check_schedule(eval_step: int, save_step: int, has_validation: bool) -> None:
+def check_schedule(num_epochs: float, max_steps: int, eval_step: int, save_step: int, has_validation: bool) -> None:
+    # Without these checks the Trainer would run zero steps and an untrained adapter would be saved as the result.
+    if max_steps == 0 or max_steps < -1:
+        raise UsageError(f"--max_steps must be positive, or -1 to train for --num_epochs; got {max_steps}")
+    if max_steps == -1 and not num_epochs > 0:
+        raise UsageError(f"--num_epochs must be positive, got {num_epochs}; or give --max_steps")
     if save_step <= 0 or (has_validation and eval_step <= 0):
         raise UsageError("--eval_step and --save_step must be positive")
     # The best checkpoint is reloaded at the end, so every save must follow an evaluation.

@@ -398,6 +398,7 @@ def test_bad_input_gives_one_line(tmp_path, checkpoint, tiny_model_dir, data_dir
     assert "--dataset is required" in cli(monkeypatch, capsys, "--lora_weights", checkpoint, *out)
     assert "give one" in cli(monkeypatch, capsys, "--lora_weights", checkpoint, "--weights_path", str(tmp_path), "--dataset", "SVAMP", *out)
     assert "answer_rule" in cli(monkeypatch, capsys, "--lora_weights", checkpoint, "--dataset", "AQuA", "--answer_rule", "first", *out)
+    assert "--max_examples at least 0" in cli(monkeypatch, capsys, "--lora_weights", checkpoint, "--dataset", "SVAMP", "--max_examples", "-3", *out)
     assert "--dtype 'float64' is not one of auto, float32" in cli(monkeypatch, capsys, "--lora_weights", checkpoint, "--dataset", "SVAMP", "--dtype", "float64", *out)
 
 

@@ -34,6 +34,8 @@ CASES = {
     "targets match nothing": ({"target_modules": "[q_proj,qq_proj]"}, "match no layer"),
     "batch not divisible": ({"batch_size": 6, "micro_batch_size": 4}, "not a multiple of --micro_batch_size"),
     "cutoff_len not positive": ({"cutoff_len": 0}, "--cutoff_len must be positive"),
+    "no epochs": ({"max_steps": -1, "num_epochs": 0}, "--num_epochs must be positive"),
+    "zero steps": ({"max_steps": 0}, "--max_steps must be positive, or -1"),
     "output dir is a file": ({"output_dir": "{dir}/a_file"}, "is a file"),
     "missing base model": ({"base_model": "{dir}/no_model"}, "does not exist"),
     "val set too big": ({"val_set_size": 4}, "leaves no training data"),

@@ -72,6 +72,9 @@ def test_prompts_file_prints_a_json_line_per_instruction(llama_lora, lora_model,
 
 def test_bad_input_gives_one_clear_error(llama, llama_lora, tmp_path):
     (tmp_path / "empty").mkdir()
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
     wide = save_wide_llama(llama, str(tmp_path / "wide"))
     cases = [
         (dict(lora_weights=str(tmp_path / "missing"), prompt=QUESTION), "does not exist"),
@@ -81,21 +84,27 @@ def test_bad_input_gives_one_clear_error(llama, llama_lora, tmp_path):
         (dict(lora_weights=llama_lora, prompts_file=str(tmp_path / "none.txt")), "cannot read --prompts_file"),
         (dict(lora_weights=llama_lora, auth="nocolon"), "--auth takes user:password"),
         (dict(lora_weights=llama_lora, weights_path=llama, prompt=QUESTION), "name the same thing"),
+        (dict(lora_weights=llama_lora, server_port=99999), "port number from 1 to 65535"),
+        (dict(lora_weights=llama_lora, server_port=busy.getsockname()[1]), "pass a free --server_port"),
+        (dict(lora_weights=llama_lora, server_name="no.such.host.invalid"), "check --server_name"),
     ]
     for flags, message in cases:
         with pytest.raises(UsageError, match=message):
             generate.main(**flags)
+    busy.close()
 
 
 def test_page_is_local_only_unless_asked(llama_lora, monkeypatch):
-    launched = []
+    launched, probed = [], []
     monkeypatch.setattr("gradio.Blocks.launch", lambda self, **kwargs: launched.append(kwargs))
+    monkeypatch.setattr(generate, "_check_port", lambda host, port: probed.append((host, port)))
     generate.main(lora_weights=llama_lora)
     generate.main(lora_weights=llama_lora, server_name="0.0.0.0", server_port=9000, share_gradio=True,
                   auth="ann:secret")
     assert [(k["server_name"], k["server_port"], k["share"], k["auth"]) for k in launched] == [
         ("127.0.0.1", 7860, False, None), ("0.0.0.0", 9000, True, ("ann", "secret")),
     ]
+    assert probed == [("127.0.0.1", 7860), ("0.0.0.0", 9000)]  # checked before the model loads
 
 
 # the streamed response
