@@ -86,7 +86,7 @@ def train(
         val_set_size: validation records held out: a count, or a fraction in (0, 1); 0 for none.
         eval_step: evaluate every N steps (when there is a validation set).
         save_step: save a resumable checkpoint-N/ every N steps.
-        save_total_limit: keep at most this many checkpoint-N/ folders.
+        save_total_limit: keep at most this many checkpoint-N/ folders (0: keep them all).
         target_modules: layers to adapt: '[q_proj,v_proj]', 'q_proj,v_proj' or a list; default per model family.
         lora_r: LoRA/DoRA rank.
         lora_alpha: LoRA/DoRA alpha (scaling alpha/r).
@@ -131,7 +131,8 @@ def train(
     resume = training.resume_plan(resume_from_checkpoint, output_dir, overwrite)
     train_data, _ = load_data(data_path)
     train_data, val_data = split_validation(train_data, val_set_size, seed)
-    training.check_schedule(num_epochs, max_steps, eval_step, save_step, has_validation=val_data is not None)
+    training.check_schedule(num_epochs, max_steps, learning_rate, warmup_steps, eval_step, save_step,
+                            has_validation=val_data is not None)
     report = training.reporting(report_to, wandb_project, wandb_run_name, wandb_watch, wandb_log_model)
 
     # Load the tokenizer and data, then the model, then wrap it in the adapter.

@@ -170,11 +170,35 @@ def resolve(adapter_name: str, options: dict) -> tuple[str, dict]:
     alias = ALIASES.get(name) or ALIASES.get(name.replace("-", ""))
     if alias:
         preset = {k: v(options.get(k)) if callable(v) else v for k, v in alias.preset.items()}
-        return alias.method, {**options, **preset}
-    if name not in METHODS:
+        name, options = alias.method, {**options, **preset}
+    elif name not in METHODS:
         known = sorted(METHODS) + sorted(ALIASES)
         raise UsageError(f"unknown --adapter_name {adapter_name!r}; choose one of {', '.join(known)}")
+    check_sizes(name, options)
     return name, options
+
+
+# The sizes each method reads: (flag, whole number, lowest allowed, highest allowed or None); checked before any
+# model loads, where peft would refuse some only once it builds the adapter, and take a size of 0 silently.
+SIZES = {
+    "lora": [("lora_r", True, 1, None), ("lora_dropout", False, 0, 1)],
+    "prefix-tuning": [("num_virtual_tokens", True, 1, None)],
+    "p-tuning": [("num_virtual_tokens", True, 1, None)],
+    "prompt-tuning": [("num_virtual_tokens", True, 1, None)],
+    "bottleneck": [("adapter_dropout", False, 0, 1)],
+}
+SIZES["dora"] = SIZES["lora"]
+
+
+def check_sizes(method: str, options: dict) -> None:
+    for flag, whole, low, high in SIZES.get(method, []):
+        value = options.get(flag)
+        if value is None:
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and (not whole or isinstance(value, int))
+        if not number or value < low or (high is not None and value >= high):
+            span = f"from {low} up to (not including) {high}" if high is not None else f"at least {low}"
+            raise UsageError(f"--{flag} must be {'a whole number ' if whole else 'a number '}{span}, got {value!r}")
 
 
 def make_config(adapter_name: str, options: dict, model_type: str) -> tuple[str, PeftConfig]:

@@ -105,7 +105,8 @@ def split_validation(data: Dataset, val_set_size, seed: int) -> tuple[Dataset, D
     """Hold out `val_set_size` records: a count (>= 1) or a fraction (0 < f < 1); 0 holds none out."""
     if not val_set_size:
         return data, None
-    if isinstance(val_set_size, bool) or not isinstance(val_set_size, (int, float)) or val_set_size < 0:
+    if (isinstance(val_set_size, bool) or not isinstance(val_set_size, (int, float)) or val_set_size < 0
+            or (val_set_size >= 1 and val_set_size != int(val_set_size))):
         raise UsageError(f"--val_set_size must be a count or a fraction in (0, 1), got {val_set_size!r}")
     if isinstance(val_set_size, float) and val_set_size < 1:
         size = max(1, round(len(data) * val_set_size))

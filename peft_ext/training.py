@@ -47,8 +47,14 @@ def accumulation_steps(batch_size: int, micro_batch_size: int, world_size: int) 
     return batch_size // per_step
 
 
-def check_schedule(num_epochs: float, max_steps: int, eval_step: int, save_step: int, has_validation: bool) -> None:
-    # Without these checks the Trainer would run zero steps and an untrained adapter would be saved as the result.
+def check_schedule(num_epochs: float, max_steps: int, learning_rate: float, warmup_steps: int, eval_step: int,
+                   save_step: int, has_validation: bool) -> None:
+    """Refuse, before anything loads, what the Trainer or the optimizer would only refuse with a traceback once the
+    model is loaded, or, for no epochs or steps, not at all (saving an untrained adapter as the result)."""
+    if not learning_rate >= 0:
+        raise UsageError(f"--learning_rate must be at least 0, got {learning_rate}")
+    if not (isinstance(warmup_steps, int) and warmup_steps >= 0):
+        raise UsageError(f"--warmup_steps must be a whole number of steps, at least 0; got {warmup_steps!r}")
     if max_steps == 0 or max_steps < -1:
         raise UsageError(f"--max_steps must be positive, or -1 to train for --num_epochs; got {max_steps}")
     if max_steps == -1 and not num_epochs > 0:
