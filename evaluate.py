@@ -11,7 +11,7 @@ from peft_ext import answers
 from peft_ext.checkpoint import adapter_dir_flag, load_for_inference, resolve_checkpoint
 from peft_ext.errors import UsageError, run_cli
 from peft_ext.evaluation import Evaluation, Ranks, append_result, dataset_items, paper_table, resolve_tasks
-from peft_ext.files import write_text_atomic
+from peft_ext.files import run_folder, write_text_atomic
 from peft_ext.modeling import parse_dtype
 
 
@@ -61,7 +61,7 @@ def main(
         base_model: base or merged model directory or hub id (default: the checkpoint's run.json / adapter_config.json).
         lora_weights: the adapter checkpoint directory (finetune.py's output_dir); none: the base model alone.
         weights_path: the seed's other name for --lora_weights.
-        model: label of the run in folders and tables (default: the base model's folder name).
+        model: label of the run in tables, and in folder names with characters other than letters, digits and ._+- as _ (default: the base model's folder name).
         adapter: label of the run in folders and tables (default: the checkpoint's folder name, or "base").
         data_dir: where set names are looked up, as DATA_DIR/NAME/test.json.
         output_dir: where predictions, metrics, results.csv and the suite tables go.
@@ -84,13 +84,15 @@ def main(
     if batch_size < 1 or num_beams < 1 or max_new_tokens < 0 or temperature < 0 or max_examples < 0:
         raise UsageError("--batch_size and --num_beams must be at least 1, --max_new_tokens, --temperature and "
                          "--max_examples at least 0")
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise UsageError(f"--output_dir {output_dir!r} is a file; choose a folder")
     torch_dtype = parse_dtype(dtype)
     checkpoint = resolve_checkpoint(base_model, adapter_dir_flag(lora_weights, weights_path), prompt_template_name)
     tasks, missing = resolve_tasks(dataset, data_dir, max_examples, skip_missing)
     model_label = model or os.path.basename(os.path.normpath(checkpoint.base_model))
     adapter_label = adapter or (os.path.basename(os.path.normpath(checkpoint.adapter_dir)) if checkpoint.adapter_dir else "base")
     run = Evaluation(
-        run_dir=os.path.join(output_dir, f"{model_label}-{adapter_label}"),
+        run_dir=os.path.join(output_dir, run_folder(model_label, adapter_label)),
         identity={**checkpoint.identity(torch_dtype), "load_8bit": load_8bit, "load_4bit": load_4bit},
         num_beams=num_beams,
         temperature=temperature,

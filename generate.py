@@ -78,6 +78,8 @@ def main(
         raise UsageError("--prompt and --prompts_file exclude each other; give one")
     if temperature < 0 or num_beams < 1 or max_new_tokens < 1 or batch_size < 1:
         raise UsageError("--temperature must be at least 0, --num_beams, --max_new_tokens and --batch_size at least 1")
+    if not 0 < top_p <= 1 or top_k < 0:
+        raise UsageError(f"--top_p must be in (0, 1] and --top_k at least 0 (0: no top-k cut); got {top_p} and {top_k}")
     login = None
     if auth:
         user, colon, password = str(auth).partition(":")

@@ -28,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # peft_ext
 from peft_ext.bundled import BASE_MODEL, TEST_DATA, TINY_RECIPE, TRAIN_DATA  # noqa: E402
 from peft_ext.errors import UsageError, run_cli  # noqa: E402
-from peft_ext.files import atomic_open, write_json_atomic, write_text_atomic  # noqa: E402
+from peft_ext.files import atomic_open, run_folder, write_json_atomic, write_text_atomic  # noqa: E402
 
 ADAPTERS = "lora,adapterh,adapterp,parallel,prefix-tuning"
 SWEEP_RECORD = "sweep.json"  # in evaluate's run folder: what a finished evaluation was asked, its metrics files
@@ -375,7 +375,7 @@ def main(
     family = model_type(base_model)
     model_label = os.path.basename(os.path.normpath(base_model))
 
-    run_dirs = {label: os.path.join(output_dir, "eval", f"{model_label}-{label}") for label in labels}
+    run_dirs = {label: os.path.join(output_dir, "eval", run_folder(model_label, label)) for label in labels}
     asked = {"dataset": datasets, "flags": eval_flags}  # no paths of OUTPUT_DIR in it: it may be moved
     if not all(eval_record(run_dirs[label], asked) for label in labels):
         benchmark_names(datasets, eval_flags)  # a misspelt set fails now, not after hours of training

@@ -1,8 +1,17 @@
-"""Writing results so that an interruption never leaves a half-written file behind."""
+"""Writing results so that an interruption never leaves a half-written file behind, and naming their folders."""
 import contextlib
 import json
 import os
+import re
 import tempfile
+
+
+def run_folder(model_label: str, adapter_label: str) -> str:
+    """The folder name of an evaluation run, MODEL-ADAPTER, safe whatever the labels hold: a hub id as a label
+    (`meta-llama/Llama-2-7b-hf`) or `..` must not make folders elsewhere, so characters other than letters,
+    digits and `._+-` become `_`, and so does a leading dot."""
+    name = re.sub(r"[^\w.+-]", "_", f"{model_label}-{adapter_label}")
+    return "_" + name[1:] if name.startswith(".") else name
 
 
 @contextlib.contextmanager

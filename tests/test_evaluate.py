@@ -75,6 +75,17 @@ def test_end_to_end_svamp_and_boolq(tmp_path, checkpoint, data_dir):
     assert ",llama,llama-lora,SVAMP," in lines[1] and ",llama,llama-lora,boolq," in lines[2]
 
 
+def test_labels_name_folders_inside_the_output_dir(tmp_path, checkpoint, data_dir):
+    """A hub id or a `..` as a label stays in the tables but cannot put the run's folder anywhere else."""
+    out = run(tmp_path / "deep" / "er", lora_weights=checkpoint, dataset="SVAMP", data_dir=data_dir, max_examples=1,
+              model="../../meta-llama/Llama-2-7b-hf", adapter="r=8/α=16")
+    assert sorted(os.listdir(out)) == ["_._.._meta-llama_Llama-2-7b-hf-r_8_α_16", "results.csv"]
+    assert sorted(os.listdir(tmp_path)) == ["deep"] and sorted(os.listdir(tmp_path / "deep")) == ["er"]
+    with open(os.path.join(out, "results.csv")) as f:
+        row = next(csv.DictReader(f))
+    assert (row["model"], row["adapter"]) == ("../../meta-llama/Llama-2-7b-hf", "r=8/α=16")
+
+
 def test_dataset_defaults_decide_the_budget(tmp_path, checkpoint, data_dir):
     out = run(tmp_path, weights_path=checkpoint, dataset="boolq", data_dir=data_dir, max_examples=1, max_new_tokens=0)
     assert metrics(os.path.join(out, "llama-llama-lora", "boolq"))["settings"]["max_new_tokens"] == 32
@@ -398,6 +409,8 @@ def test_bad_input_gives_one_line(tmp_path, checkpoint, tiny_model_dir, data_dir
     assert "--dataset is required" in cli(monkeypatch, capsys, "--lora_weights", checkpoint, *out)
     assert "give one" in cli(monkeypatch, capsys, "--lora_weights", checkpoint, "--weights_path", str(tmp_path), "--dataset", "SVAMP", *out)
     assert "answer_rule" in cli(monkeypatch, capsys, "--lora_weights", checkpoint, "--dataset", "AQuA", "--answer_rule", "first", *out)
+    (tmp_path / "a_file").write_text("")
+    assert "is a file" in cli(monkeypatch, capsys, "--lora_weights", checkpoint, "--dataset", "SVAMP", "--data_dir", data_dir, "--output_dir", str(tmp_path / "a_file"))
     assert "--max_examples at least 0" in cli(monkeypatch, capsys, "--lora_weights", checkpoint, "--dataset", "SVAMP", "--max_examples", "-3", *out)
     assert "--dtype 'float64' is not one of auto, float32" in cli(monkeypatch, capsys, "--lora_weights", checkpoint, "--dataset", "SVAMP", "--dtype", "float64", *out)
 

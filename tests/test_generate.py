@@ -85,6 +85,8 @@ def test_bad_input_gives_one_clear_error(llama, llama_lora, tmp_path):
         (dict(lora_weights=llama_lora, auth="nocolon"), "--auth takes user:password"),
         (dict(lora_weights=llama_lora, weights_path=llama, prompt=QUESTION), "name the same thing"),
         (dict(lora_weights=llama_lora, server_port=99999), "port number from 1 to 65535"),
+        (dict(lora_weights=llama_lora, prompt=QUESTION, temperature=0.5, top_p=2.0), "--top_p must be in"),
+        (dict(lora_weights=llama_lora, prompt=QUESTION, temperature=0.5, top_k=-1), "--top_k at least 0"),
         (dict(lora_weights=llama_lora, server_port=busy.getsockname()[1]), "pass a free --server_port"),
         (dict(lora_weights=llama_lora, server_name="no.such.host.invalid"), "check --server_name"),
     ]
