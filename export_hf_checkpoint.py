@@ -34,6 +34,7 @@ def main(
         trust_remote_code: allow model code from the hub (off by default: it runs foreign code).
     """
     # parse and check, then load and merge (nothing loads before every check has passed)
+    export.check_shard_size(max_shard_size)
     checkpoint, merged, tokenizer = export.prepare(
         base_model, lora_weights, weights_path, output_dir, overwrite, trust_remote_code
     )

@@ -186,6 +186,19 @@ def benchmark_names(datasets: str, eval_flags: list[str]) -> list[str]:
     return [task.benchmark.name for task in resolve_tasks(datasets, data_dir)[0]]
 
 
+def check_adapters(flags: dict[str, dict]) -> None:
+    """Each adapter's name and sizes, checked as finetune.py will check them, so that a misspelt one fails now
+    and not after the adapters before it have trained (imported only when there is training to do: it loads
+    torch and peft)."""
+    from peft_ext.adapters import resolve
+
+    for label, adapter_flags in flags.items():
+        try:
+            resolve(label, adapter_flags)
+        except UsageError as e:
+            raise UsageError(f"--adapters {label}: {e}") from None
+
+
 def run(command: list[str], what: str) -> None:
     finished = subprocess.run(command)
     if finished.returncode:
@@ -379,13 +392,16 @@ def main(
     asked = {"dataset": datasets, "flags": eval_flags}  # no paths of OUTPUT_DIR in it: it may be moved
     if not all(eval_record(run_dirs[label], asked) for label in labels):
         benchmark_names(datasets, eval_flags)  # a misspelt set fails now, not after hours of training
+    flags = {label: training_flags(label, base_model, data_path, bundled, family, overrides, finetune_args)
+             for label in labels}
+    if not all(os.path.isfile(os.path.join(output_dir, label, "run.json")) for label in labels):
+        check_adapters(flags)
 
     # train and evaluate each adapter; each step is skipped when its files say it is done
     records, metrics = {}, {}
     for label in labels:
         adapter_dir = os.path.join(output_dir, label)
-        flags = training_flags(label, base_model, data_path, bundled, family, overrides, finetune_args)
-        if train(label, flags, adapter_dir):
+        if train(label, flags[label], adapter_dir):
             # predictions of earlier weights of this adapter would be scored as the new ones'
             shutil.rmtree(run_dirs[label], ignore_errors=True)
         records[label] = read_json(os.path.join(adapter_dir, "run.json"))

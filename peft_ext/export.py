@@ -38,6 +38,14 @@ def prepare(base_model: str, lora_weights: str, weights_path: str, output_dir: s
     return checkpoint, merge(model, base_config.dtype), tokenizer
 
 
+def check_shard_size(size) -> None:
+    """A --max_shard_size that save_pretrained takes (bytes, or a number and KB/MB/GB/TB), checked before loading."""
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return
+    if not re.fullmatch(r"\s*\d+(\.\d+)?\s*[KMGT]B\s*", str(size), flags=re.IGNORECASE):
+        raise UsageError(f"--max_shard_size must be a size such as 5GB or 500MB, got {size!r}")
+
+
 def check_mergeable(adapter_dir: str) -> None:
     """Refuse, before anything is loaded, an adapter that is not a change of the base weights."""
     config = read_adapter_config(adapter_dir)

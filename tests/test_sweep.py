@@ -154,3 +154,10 @@ def test_bad_input_ends_with_one_line_and_exit_status_2():
                           capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stdout) == (2, "")
     assert done.stderr == "error: --eval_batch_size must be at least 1 and --max_examples at least 0\n"
+
+
+def test_a_misspelt_adapter_fails_before_any_training(tmp_path):
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "sweep.py"), "--adapters", "lora,lorra",
+                           "--output_dir", str(tmp_path / "sweep")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.startswith("error: --adapters lorra: unknown --adapter_name 'lorra'")
+    assert not (tmp_path / "sweep" / "lora").exists()  # nothing trained
