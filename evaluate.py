@@ -142,4 +142,4 @@ def main(
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, interrupted="every finished prediction is saved; run the same command again to continue")

@@ -48,4 +48,4 @@ def main(
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, interrupted="nothing was exported; --output_dir is as it was")

@@ -172,4 +172,5 @@ def train(
 
 
 if __name__ == "__main__":
-    run_cli(train)
+    run_cli(train, interrupted="the checkpoint-N folders saved so far are kept; "
+                               "continue with --resume_from_checkpoint latest")

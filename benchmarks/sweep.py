@@ -420,4 +420,4 @@ def main(
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, interrupted="what finished is kept; run the same command again to continue")

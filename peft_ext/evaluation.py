@@ -263,7 +263,7 @@ class Evaluation:
 
         start, correct, scored, synced = time.perf_counter(), 0, 0, time.monotonic()
         bar = tqdm(total=len(mine), desc=benchmark.name, disable=not ranks.main, dynamic_ncols=True)
-        with open(log, "a") as out:
+        with bar, open(log, "a") as out:  # the bar closes on Ctrl-C too, so it is not redrawn after the message
             for finished in stream_backing_off(model, tokenizer, mine_rows, config, self.batch_size, prefix, benchmark.name):
                 for j, response in finished:
                     i = mine[j]
@@ -280,7 +280,6 @@ class Evaluation:
                 bar.update(len(finished))
                 bar.set_postfix(acc=f"{correct / scored:.1%}")
             os.fsync(out.fileno())
-        bar.close()
         ranks.barrier()
         if not ranks.main:
             return None

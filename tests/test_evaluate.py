@@ -463,20 +463,26 @@ def test_results_csv_of_an_earlier_version_gains_the_new_columns(tmp_path, check
 
 
 @pytest.mark.slow
-def test_killed_process_resumes(tmp_path, checkpoint, data_dir):
-    """A real kill -9 mid-run, then the same command again (a larger batch is allowed): every example once."""
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT], ids=["kill -9", "Ctrl-C"])
+def test_killed_process_resumes(tmp_path, checkpoint, data_dir, stop):
+    """A real kill -9 or Ctrl-C mid-run, then the same command again (a larger batch is allowed): every example
+    once. Ctrl-C ends with one line saying so and how to go on, and the shell's status 130."""
     out = str(tmp_path / "out")
     command = [sys.executable, os.path.join(ROOT, "evaluate.py"), "--lora_weights", checkpoint, "--dataset", "SVAMP",
                "--data_dir", data_dir, "--output_dir", out, "--max_examples", "16", "--max_new_tokens", "32"]
     log = os.path.join(out, "llama-llama-lora", "SVAMP", "predictions.jsonl")
-    process = subprocess.Popen(command + ["--batch_size", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    process = subprocess.Popen(command + ["--batch_size", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True, cwd=ROOT)
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:
         if os.path.isfile(log) and len(open(log).readlines()) >= 3:
             break
         time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    process.send_signal(stop)
+    stderr = process.communicate(timeout=120)[1]
+    if stop == signal.SIGINT:
+        assert process.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
+        assert stderr.splitlines()[-1].startswith("interrupted: every finished prediction is saved; run the same command")
     first = len(evaluation.read_predictions(log))  # the kill may have cut a last line short
     assert 3 <= first < 16, "the process was not stopped mid-run"
     finished = subprocess.run(command + ["--batch_size", "8"], capture_output=True, text=True, cwd=ROOT, timeout=300)

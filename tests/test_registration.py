@@ -97,3 +97,23 @@ def test_help_describes_every_flag(script):
         described = [line for line in lines[at + 1:at + 4]
                      if line.strip() and not line.strip().startswith(("Type:", "Default:", "-"))]
         assert described, f"{script}: --{name} has no description in --help"
+
+
+def test_ctrl_c_ends_with_one_line_below_the_progress_bars(capsys):
+    """A KeyboardInterrupt deep in a run: the open progress bars are closed first, so the last line on stderr is
+    the script's note of what is kept and how to go on, and the exit status is the shell's 130 for Ctrl-C."""
+    from tqdm import tqdm
+
+    from peft_ext.errors import run_cli
+
+    def long_job():
+        bar = tqdm(total=10, desc="training")
+        bar.update(3)
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(long_job, interrupted="checkpoints are kept; continue with --resume_from_checkpoint latest")
+    assert exit_info.value.code == 130
+    err = capsys.readouterr().err
+    assert err.rstrip("\n").splitlines()[-1] == "interrupted: checkpoints are kept; continue with --resume_from_checkpoint latest"
+    assert "Traceback" not in err and " 3/10 " in err
