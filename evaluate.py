@@ -7,7 +7,7 @@
 """
 import os
 
-from peft_ext import answers
+from peft_ext import answers, bundled
 from peft_ext.checkpoint import adapter_dir_flag, load_for_inference, resolve_checkpoint
 from peft_ext.errors import UsageError, run_cli
 from peft_ext.evaluation import Evaluation, Ranks, append_result, dataset_items, paper_table, resolve_tasks
@@ -22,7 +22,7 @@ def main(
     weights_path: str = "",
     model: str = "",
     adapter: str = "",
-    data_dir: str = "data",
+    data_dir: str = bundled.DATA_DIR,
     output_dir: str = "experiment",
     prompt_template_name: str = "",
     batch_size: int = 16,
@@ -63,7 +63,7 @@ def main(
         weights_path: the seed's other name for --lora_weights.
         model: label of the run in tables, and in folder names with characters other than letters, digits and ._+- as _ (default: the base model's folder name).
         adapter: label of the run in folders and tables (default: the checkpoint's folder name, or "base").
-        data_dir: where set names are looked up, as DATA_DIR/NAME/test.json.
+        data_dir: where set names are looked up, as DATA_DIR/NAME/test.json (default: this project's data/ folder, from wherever evaluate.py runs).
         output_dir: where predictions, metrics, results.csv and the suite tables go.
         prompt_template_name: template in templates/ or a JSON path (default: the checkpoint's prompt_template.json, else alpaca).
         batch_size: examples decoded together; halved and continued if the GPU runs out of memory.

@@ -26,7 +26,7 @@ from fire.parser import DefaultParseValue
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # peft_ext
-from peft_ext.bundled import BASE_MODEL, TEST_DATA, TINY_RECIPE, TRAIN_DATA  # noqa: E402
+from peft_ext.bundled import BASE_MODEL, DATA_DIR, TEST_DATA, TINY_RECIPE, TRAIN_DATA  # noqa: E402
 from peft_ext.errors import UsageError, run_cli  # noqa: E402
 from peft_ext.files import atomic_open, run_folder, write_json_atomic, write_text_atomic  # noqa: E402
 
@@ -182,7 +182,7 @@ def benchmark_names(datasets: str, eval_flags: list[str]) -> list[str]:
     imported only when there is work to do: it loads torch and peft)."""
     from peft_ext.evaluation import resolve_tasks
 
-    data_dir = parse_flags(shlex.join(eval_flags)).get("data_dir", "data")
+    data_dir = parse_flags(shlex.join(eval_flags)).get("data_dir", DATA_DIR)
     return [task.benchmark.name for task in resolve_tasks(datasets, data_dir)[0]]
 
 
@@ -339,7 +339,7 @@ def main(
     finetune_args="",
     eval_batch_size: int = 16,
     max_examples: int = 0,
-    data_dir: str = "data",
+    data_dir: str = DATA_DIR,
     evaluate_args: str = "",
 ):
     """Train each of ADAPTERS on DATA_PATH, evaluate each on DATASETS, and write OUTPUT_DIR/resources.md/.csv,
@@ -362,7 +362,7 @@ def main(
         finetune_args: more finetune.py flags: --finetune_args='--save_step 100' for every adapter, or per adapter --finetune_args='{"lora": "--lora_r 16", "all": "--save_step 100"}'.
         eval_batch_size: evaluate.py's --batch_size.
         max_examples: score the first N examples of each set (0: all).
-        data_dir: where evaluate.py finds named sets (DATA_DIR/NAME/test.json).
+        data_dir: where evaluate.py finds named sets (DATA_DIR/NAME/test.json); default: this project's data/.
         evaluate_args: more evaluate.py flags, the same for every adapter: --evaluate_args='--num_beams 4'.
     """
     # parse

@@ -10,7 +10,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE_MODEL = os.path.join(ROOT, "models", "tiny-math")
 TRAIN_DATA = os.path.join(ROOT, "data", "synth_math", "train.json")
 TEST_DATA = os.path.join(ROOT, "data", "synth_math", "test.json")
-TEST_SET = "synth_math"  # evaluate.py --dataset name of TEST_DATA (found under --data_dir, ./data by default)
+DATA_DIR = os.path.join(ROOT, "data")  # evaluate.py's default --data_dir: this project's data/, from any folder
+TEST_SET = "synth_math"  # evaluate.py --dataset name of TEST_DATA (found under --data_dir)
 OUTPUT_DIR = "./trained_models/lora"  # finetune.py's default output, generate.py's default checkpoint
 
 # Training settings for the bundled model, where they differ from the seed's (which suit a 7B model):

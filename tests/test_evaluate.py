@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from checkpoints import make_checkpoint
 from conftest import ROOT
-from peft_ext import adapters, answers, evaluation, generation
+from peft_ext import adapters, answers, bundled, evaluation, generation
 from peft_ext.checkpoint import load_for_inference, resolve_checkpoint
 from peft_ext.errors import UsageError
 from peft_ext.prompts import Prompter
@@ -84,6 +84,12 @@ def test_labels_name_folders_inside_the_output_dir(tmp_path, checkpoint, data_di
     with open(os.path.join(out, "results.csv")) as f:
         row = next(csv.DictReader(f))
     assert (row["model"], row["adapter"]) == ("../../meta-llama/Llama-2-7b-hf", "r=8/α=16")
+
+
+def test_named_sets_are_found_in_this_projects_data_from_any_folder(tmp_path, checkpoint, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no data/ here: the default --data_dir is the project's, not the working folder's
+    out = run(tmp_path, lora_weights=checkpoint, dataset="synth_math", max_examples=2)
+    assert metrics(os.path.join(out, "llama-llama-lora", "synth_math"))["file"] == bundled.TEST_DATA
 
 
 def test_dataset_defaults_decide_the_budget(tmp_path, checkpoint, data_dir):
