@@ -4,32 +4,15 @@ Supported inputs: a JSON list or JSONL file of `{instruction, input, output}` re
 `conversations`); a directory holding `train.json` (and optionally `test.json`); a `.txt` file of raw
 text, chunked into `cutoff_len`-token blocks; a `datasets` hub id.
 """
-import json
 import os
 
 from datasets import Dataset
 
 from peft_ext.errors import UsageError
+from peft_ext.files import read_records
 from peft_ext.prompts import Prompter
 
 IGNORE_INDEX = -100  # label of a token that carries no loss
-
-
-def _read_json_records(path: str) -> list:
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as first_error:
-        try:  # JSON Lines: one record per line
-            data = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError:
-            raise UsageError(f"{path} is neither JSON nor JSON Lines ({first_error}); fix the file") from None
-    if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
-        data = next(iter(data.values()))  # {"data": [...]}
-    if not isinstance(data, list):
-        raise UsageError(f"{path} must hold a list of records, found a JSON {type(data).__name__}")
-    return data
 
 
 def _check_records(records: list, path: str) -> None:
@@ -49,7 +32,7 @@ def _check_records(records: list, path: str) -> None:
 
 
 def _records_dataset(path: str) -> Dataset:
-    records = _read_json_records(path)
+    records = read_records(path)
     _check_records(records, path)
     # Keep only the fields we use, so records with extra or ragged keys still form one table.
     keep = ("instruction", "input", "output", "conversations")

@@ -26,7 +26,7 @@ from peft_ext import answers
 from peft_ext.answers import Benchmark
 from peft_ext.distributed import end_process_group
 from peft_ext.errors import UsageError
-from peft_ext.files import atomic_open, write_json_atomic
+from peft_ext.files import atomic_open, read_records, write_json_atomic
 from peft_ext.generation import SharedPrefix, decoding_config, stream
 
 PREDICTIONS = "predictions.jsonl"
@@ -90,12 +90,11 @@ def resolve_tasks(spec, data_dir: str, max_examples: int = 0, skip_missing: bool
 
 def load_task(path: str, benchmark: Benchmark | None, max_examples: int = 0) -> Task:
     try:
-        with open(path) as f:
-            records = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{path} is not valid JSON ({e}); it should be a list of records") from None
-    if not isinstance(records, list) or not records:
-        raise UsageError(f"{path} should hold a non-empty JSON list of {{instruction, input, answer}} records")
+        records = read_records(path)
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path} is not UTF-8 text ({e}); it should hold {{instruction, input, answer}} records") from None
+    if not records:
+        raise UsageError(f"{path} holds no records; it should hold {{instruction, input, answer}} records")
     records = records[:max_examples] if max_examples > 0 else records
     for i, record in enumerate(records):
         if not isinstance(record, dict) or not isinstance(record.get("instruction"), str):

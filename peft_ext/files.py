@@ -1,9 +1,45 @@
-"""Writing results so that an interruption never leaves a half-written file behind, and naming their folders."""
+"""Reading record files; writing results so that an interruption never leaves a half-written file behind, and
+naming their folders."""
 import contextlib
 import json
 import os
 import re
 import tempfile
+
+from peft_ext.errors import UsageError
+
+
+def read_records(path: str) -> list:
+    """The records of a data file: a JSON list (or {"data": [...]}, or a single record), or JSON Lines, which a
+    `.jsonl` file always is (a one-line JSON Lines file is also valid JSON: one object, not a list)."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if path.endswith(".jsonl"):
+        data = _json_lines(path, text)
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            data = _json_lines(path, text, e)
+    if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
+        data = next(iter(data.values()))  # {"data": [...]}
+    elif isinstance(data, dict) and ("instruction" in data or "conversations" in data):
+        data = [data]
+    if not isinstance(data, list):
+        raise UsageError(f"{path} must hold a list of records, found a JSON {type(data).__name__}")
+    return data
+
+
+def _json_lines(path: str, text: str, whole_error: json.JSONDecodeError | None = None) -> list:
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                detail = whole_error or f"line {number}: {e}"
+                raise UsageError(f"{path} is neither JSON nor JSON Lines ({detail}); fix the file") from None
+    return records
 
 
 def run_folder(model_label: str, adapter_label: str) -> str:

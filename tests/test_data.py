@@ -119,6 +119,11 @@ def test_load_data_formats(tmp_path):
     assert (len(train), len(test)) == (2, 1)
     assert load_data(str(tmp_path / "t.txt"))[0].column_names == ["text"]
     assert load_data(str(tmp_path / "c.json"))[0][0]["conversations"][1]["value"] == "hello"
+    (tmp_path / "one.jsonl").write_text(json.dumps(RECORD) + "\n")  # also valid JSON: one object, not a list
+    assert load_data(str(tmp_path / "one.jsonl"))[0]["instruction"] == [RECORD["instruction"]]
+    (tmp_path / "bad.jsonl").write_text(json.dumps(RECORD) + "\n{oops\n")
+    with pytest.raises(UsageError, match="bad.jsonl is neither JSON nor JSON Lines \\(line 2: "):
+        load_data(str(tmp_path / "bad.jsonl"))
 
 
 def test_raw_text_is_chunked_to_cutoff(tmp_path, tokenizer):

@@ -379,6 +379,11 @@ def test_dataset_by_path_and_unknown_set_inferred(tmp_path, checkpoint, data_dir
     out = run(tmp_path, lora_weights=checkpoint, dataset=f"{data_dir}/gsm8k/test.json,{custom}", max_examples=1)
     assert metrics(os.path.join(out, "llama-llama-lora", "gsm8k"))["kind"] == "number"
     assert metrics(os.path.join(out, "llama-llama-lora", "mine"))["kind"] == "number"
+    lines = tmp_path / "lines.jsonl"  # JSON Lines, as finetune.py reads them too
+    lines.write_text("".join(json.dumps({"instruction": f"What is {n} + 2?", "input": "", "answer": str(n + 2)}) + "\n"
+                             for n in range(3)))
+    out = run(tmp_path, lora_weights=checkpoint, dataset=str(lines))
+    assert metrics(os.path.join(out, "llama-llama-lora", "lines"))["n"] == 3
 
 
 def cli(monkeypatch, capsys, *args) -> str:
