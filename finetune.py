@@ -16,7 +16,7 @@ from peft_ext import adapters, bundled, training
 from peft_ext.data import load_data, split_validation, tokenize
 from peft_ext.distributed import end_process_group
 from peft_ext.errors import UsageError, run_cli
-from peft_ext.modeling import adopt_pad_token, load_base_model, load_tokenizer, parameter_counts
+from peft_ext.modeling import adopt_pad_token, load_base_model, load_config, load_tokenizer, parameter_counts
 from peft_ext.prompts import Prompter
 
 
@@ -129,6 +129,9 @@ def train(
     adapters.resolve(adapter_name, adapter_options)
     prompter = Prompter.load(prompt_template_name)
     resume = training.resume_plan(resume_from_checkpoint, output_dir, overwrite)
+    if resume.checkpoint:  # its adapter must be the one these flags make
+        model_type = load_config(base_model, trust_remote_code).model_type
+        training.check_resumable(resume.checkpoint, adapters.make_config(adapter_name, adapter_options, model_type)[1])
     train_data, _ = load_data(data_path)
     train_data, val_data = split_validation(train_data, val_set_size, seed)
     training.check_schedule(num_epochs, max_steps, learning_rate, warmup_steps, eval_step, save_step,

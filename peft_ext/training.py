@@ -1,5 +1,6 @@
 """What finetune.py needs around the HF Trainer: checks, resume, logging, the run record, saving."""
 import importlib.metadata
+import json
 import netrc
 import os
 import platform
@@ -149,6 +150,33 @@ def prepare_base(model, quantized: bool, checkpointing: bool):
         )
     model.config.use_cache = False  # the cache only costs memory in training
     return model
+
+
+# The settings that make an adapter what it is: its method, its shapes and where it sits. A checkpoint-N/ resumed
+# under other values would fail to load its weights or optimizer state, or silently train something else.
+ADAPTER_IDENTITY = ("peft_type", "r", "lora_alpha", "use_dora", "target_modules", "feedforward_modules",
+                    "num_virtual_tokens", "bottleneck_size", "non_linearity", "use_parallel_adapter", "use_adapterp",
+                    "scaling", "embedding_lambda", "ffn")
+
+
+def check_resumable(checkpoint: str, config) -> None:
+    """Refuse, before the model loads, to resume `checkpoint` with flags that describe another adapter."""
+    with open(os.path.join(checkpoint, ADAPTER_CONFIG)) as f:
+        saved = json.load(f)
+    wanted = config.to_dict()
+
+    def plain(value):
+        value = getattr(value, "value", value)  # PeftType
+        return sorted(map(str, value)) if isinstance(value, (list, tuple, set)) else value
+
+    # None here is a default the tuner resolves when it builds (bottleneck targets), so it is not compared
+    differ = [k for k in ADAPTER_IDENTITY if wanted.get(k) is not None and plain(saved.get(k)) != plain(wanted[k])]
+    if "peft_type" in differ:
+        differ = ["peft_type"]  # another method: its other settings say nothing more
+    if differ:
+        shown = ", ".join(f"{k} {plain(saved.get(k))!r} there, {plain(wanted.get(k))!r} here" for k in differ)
+        raise UsageError(f"{checkpoint} holds another adapter than these flags make ({shown}); resume with the flags "
+                         "it was trained with, or start a new run")
 
 
 def warm_start(model, adapter_dir: str):

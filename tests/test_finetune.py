@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 import finetune
 from peft_ext import adapters, training
+from peft_ext.errors import UsageError
 from tiny import FAMILIES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,6 +113,10 @@ def test_output_directory_contract(tiny_model_dir, data_file, tmp_path):
     assert list(out.glob("runs/*/events.out.tfevents.*"))  # the tensorboard log
 
 
+OTHER_SHAPE = {"lora": {"lora_r": 4}, "prefix-tuning": {"num_virtual_tokens": 4}, "p-tuning": {"num_virtual_tokens": 4},
+               "bottleneck": {"bottleneck_size": 8}}
+
+
 @pytest.mark.parametrize("method", ["lora", "prefix-tuning", "p-tuning", "bottleneck"])
 def test_resume_from_checkpoint_matches_uninterrupted_run(method, tiny_model_dir, data_file, tmp_path):
     base = tiny_model_dir("llama")
@@ -138,6 +143,9 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(method, tiny_model_dir
     finally:
         training.make_trainer = make
     assert not (tmp_path / "crashed" / "run.json").exists()
+    for other in ({"adapter_name": "ia3"}, OTHER_SHAPE[method]):  # refused before the model loads
+        with pytest.raises(UsageError, match="checkpoint-10 holds another adapter than these flags make"):
+            finetune.train(**quick_args(base, data_file, tmp_path / "crashed", resume_from_checkpoint="latest", **{**args, **other}))
     finetune.train(**quick_args(base, data_file, tmp_path / "crashed", resume_from_checkpoint="latest", **args))
     straight = load_file(tmp_path / "straight" / "adapter_model.safetensors")
     resumed = load_file(tmp_path / "crashed" / "adapter_model.safetensors")
