@@ -7,6 +7,7 @@ export_hf_checkpoint.py) or any plain model is used as `--base_model` with no ad
 """
 import json
 import os
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -89,6 +90,16 @@ def _check_adapter_dir(adapter_dir: str) -> dict:
     return read_adapter_config(adapter_dir)
 
 
+def _run_dir(adapter_dir: str) -> str:
+    """Where an adapter's run record and template are: its own folder, or for a `checkpoint-N/` saved during
+    training (which holds neither) the run's folder above it."""
+    parent = os.path.dirname(os.path.abspath(adapter_dir))
+    if re.fullmatch(r"checkpoint-\d+", os.path.basename(os.path.abspath(adapter_dir))) and not os.path.isfile(
+            os.path.join(adapter_dir, TEMPLATE_FILE)) and os.path.isfile(os.path.join(parent, TEMPLATE_FILE)):
+        return parent
+    return adapter_dir
+
+
 def adapter_dir_flag(lora_weights: str, weights_path: str) -> str:
     """The checkpoint directory from --lora_weights or the seed's --weights_path ("" for none)."""
     if lora_weights and weights_path and lora_weights != weights_path:
@@ -99,11 +110,13 @@ def adapter_dir_flag(lora_weights: str, weights_path: str) -> str:
 def resolve_checkpoint(base_model: str = "", adapter_dir: str = "", prompt_template_name: str = "") -> Checkpoint:
     """The base model comes from the flag, else run.json (`_trained_base_model`), else adapter_config.json's
     base_model_name_or_path, else (with no adapter either) the bundled tiny model;
-    the template from the flag, else the checkpoint's (or merged model's) prompt_template.json, else alpaca."""
+    the template from the flag, else the checkpoint's (or merged model's) prompt_template.json, else alpaca. A
+    `checkpoint-N/` of a run takes both from the run's folder."""
     record, adapter_config = {}, {}
+    run_dir = _run_dir(adapter_dir) if adapter_dir else ""
     if adapter_dir:
         adapter_config = _check_adapter_dir(adapter_dir)
-        record = _read_run_record(adapter_dir)
+        record = _read_run_record(run_dir)
     run_args = record.get("args", {})
     base_model = base_model or _trained_base_model(record) or adapter_config.get("base_model_name_or_path") or ""
     if not base_model and adapter_dir:
@@ -114,7 +127,7 @@ def resolve_checkpoint(base_model: str = "", adapter_dir: str = "", prompt_templ
     if prompt_template_name:
         prompter = Prompter.load(prompt_template_name)
     else:
-        saved = [d for d in (adapter_dir, base_model) if d and os.path.isfile(os.path.join(d, TEMPLATE_FILE))]
+        saved = [d for d in (run_dir, base_model) if d and os.path.isfile(os.path.join(d, TEMPLATE_FILE))]
         prompter = Prompter.load(saved[0] if saved else "alpaca")
     return Checkpoint(base_model, adapter_dir or None, prompter, run_args)
 

@@ -247,6 +247,23 @@ def test_base_model_alone_and_merged_model(tmp_path, checkpoint, tiny_model_dir,
     assert responses(merged, "merged-base") == responses(adapter, "llama-llama-lora")
 
 
+def test_a_checkpoint_n_folder_takes_the_runs_template(tmp_path, checkpoint):
+    """checkpoint-N/ folders saved during training hold the adapter and tokenizer but no template or run.json:
+    those of the run's folder above apply, not the default template."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(checkpoint, run_dir)
+    Prompter.load("alpaca_short").save(str(run_dir))
+    step = run_dir / "checkpoint-7"
+    step.mkdir()
+    for name in os.listdir(checkpoint):
+        if name.startswith(("adapter_", "tokenizer")):
+            shutil.copy(os.path.join(checkpoint, name), step / name)
+    resolved = resolve_checkpoint(adapter_dir=str(step))
+    assert resolved.prompter.template["prompt_no_input"] == Prompter.load("alpaca_short").template["prompt_no_input"]
+    assert resolved.prompter.template["prompt_no_input"] != Prompter.load("alpaca").template["prompt_no_input"]
+    assert resolved.run_args["adapter_name"] == "lora" and resolved.adapter_dir == str(step)
+
+
 def test_a_relative_base_model_resolves_from_another_directory(tmp_path, checkpoint, tiny_model_dir, data_dir, monkeypatch):
     """finetune.py ran in `work` with --base_model models/base; evaluate.py runs elsewhere."""
     shutil.copytree(tiny_model_dir("llama"), tmp_path / "work" / "models" / "base")
