@@ -1,4 +1,6 @@
 """Bad input ends a script with one clear line on stderr and a non-zero exit, never a traceback; so does Ctrl-C."""
+import functools
+import inspect
 import sys
 
 import fire
@@ -13,7 +15,7 @@ def run_cli(fn, interrupted: str = "") -> None:
     """`fire.Fire(fn)`, turning a UsageError into `error: ...` on stderr and exit status 2, and Ctrl-C into
     `interrupted: ...` (what is kept and how to go on, as `interrupted` says) and the shell's status 130."""
     try:
-        fire.Fire(fn)
+        fire.Fire(_typed(fn))
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -22,3 +24,44 @@ def run_cli(fn, interrupted: str = "") -> None:
             bar.close()
         print(f"\ninterrupted{': ' + interrupted if interrupted else ''}", file=sys.stderr)
         sys.exit(130)
+
+
+TRUE, FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _typed(fn):
+    """`fn` with its flags held to their annotated types. fire guesses each value's type from its text, so
+    `--overwrite false` arrives as the string 'false' (which Python takes as true) and `--batch_size 2.5` as a
+    float that fails deep inside a run; here they become False, or a one-line error before any work."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)  # fire reads the signature and docstring through the wrapper
+    def call(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        for name, value in bound.arguments.items():
+            bound.arguments[name] = _as_annotated(name, value, signature.parameters[name].annotation)
+        return fn(*bound.args, **bound.kwargs)
+
+    return call
+
+
+def _as_annotated(name: str, value, annotation):
+    if value is None:
+        return None
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is bool:
+        text = str(value).strip().lower()
+        if text in TRUE or text in FALSE:
+            return text in TRUE
+        raise UsageError(f"--{name} must be True or False, got {value!r}")
+    if annotation is int:
+        if number and float(value).is_integer():
+            return int(value)
+        raise UsageError(f"--{name} must be a whole number, got {value!r}")
+    if annotation is float:
+        if number:
+            return value
+        raise UsageError(f"--{name} must be a number, got {value!r}")
+    if annotation is str and (number or isinstance(value, bool)):
+        return str(value)  # `--output_dir 2024`, `--model 7`
+    return value

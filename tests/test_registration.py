@@ -117,3 +117,31 @@ def test_ctrl_c_ends_with_one_line_below_the_progress_bars(capsys):
     err = capsys.readouterr().err
     assert err.rstrip("\n").splitlines()[-1] == "interrupted: checkpoints are kept; continue with --resume_from_checkpoint latest"
     assert "Traceback" not in err and " 3/10 " in err
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--overwrite", "false", "--steps", "2.0"], {"overwrite": False, "steps": 2, "rate": 0.5, "name": ""}),
+    (["--overwrite", "yes", "--rate", "1", "--name", "2024"], {"overwrite": True, "steps": 1, "rate": 1, "name": "2024"}),
+    (["--nooverwrite", "--steps", "None"], {"overwrite": False, "steps": None, "rate": 0.5, "name": ""}),
+    (["--overwrite", "maybe"], "error: --overwrite must be True or False, got 'maybe'"),
+    (["--steps", "2.5"], "error: --steps must be a whole number, got 2.5"),
+    (["--rate", "abc"], "error: --rate must be a number, got 'abc'"),
+])
+def test_flags_are_held_to_their_annotated_types(argv, expected, monkeypatch, capsys):
+    """fire reads `--overwrite false` as the (true) string 'false': a script must take it as False, and refuse
+    a value of the wrong kind in one line instead of failing deep inside a run."""
+    from peft_ext.errors import run_cli
+
+    seen = {}
+
+    def script(overwrite: bool = False, steps: int = 1, rate: float = 0.5, name: str = ""):
+        seen.update(overwrite=overwrite, steps=steps, rate=rate, name=name)
+
+    monkeypatch.setattr(sys, "argv", ["script.py", *argv])
+    if isinstance(expected, dict):
+        run_cli(script)
+        assert seen == expected and type(seen["steps"]) is type(expected["steps"])
+    else:
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(script)
+        assert exit_info.value.code == 2 and capsys.readouterr().err.strip() == expected and not seen
