@@ -164,6 +164,8 @@ def train(
         save_total_limit=save_total_limit, group_by_length=group_by_length, packing=packing,
         checkpointing=use_gradient_checkpointing, seed=seed, report=report, resume_dir=resume.checkpoint,
     )
+    if resume.replaces and trainer.is_world_process_zero():  # now that every check has passed
+        training.discard_earlier_run(output_dir)
     result = trainer.train(resume_from_checkpoint=resume.checkpoint)
 
     # Save the adapter, tokenizer, template and run record, each file written atomically.

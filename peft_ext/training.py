@@ -15,7 +15,7 @@ from peft import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_pt_utils import BatchRebalanceSampler
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from peft_ext import packing as packing_module
 from peft_ext.adapters import resolve
@@ -73,6 +73,7 @@ def check_schedule(num_epochs: float, max_steps: int, learning_rate: float, warm
 class ResumePlan:
     checkpoint: str | None = None  # a checkpoint-N/ folder: optimizer, scheduler, RNG and data position
     warm_start: str | None = None  # a finished adapter folder: its weights only
+    replaces: bool = False  # --overwrite over an earlier run: its checkpoint-N/ folders and run.json must go
 
 
 def resume_plan(resume_from_checkpoint, output_dir: str, overwrite: bool) -> ResumePlan:
@@ -88,7 +89,7 @@ def resume_plan(resume_from_checkpoint, output_dir: str, overwrite: bool) -> Res
                 f"{output_dir!r} already holds a run; continue it with --resume_from_checkpoint latest, "
                 "replace it with --overwrite, or pick another --output_dir"
             )
-        return ResumePlan()
+        return ResumePlan(replaces=bool(has_run))
     if resume_from_checkpoint is True or str(resume_from_checkpoint).lower() in ("latest", "last", "true"):
         last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
         if last is None:
@@ -157,6 +158,17 @@ def prepare_base(model, quantized: bool, checkpointing: bool):
 ADAPTER_IDENTITY = ("peft_type", "r", "lora_alpha", "use_dora", "target_modules", "feedforward_modules",
                     "num_virtual_tokens", "bottleneck_size", "non_linearity", "use_parallel_adapter", "use_adapterp",
                     "scaling", "embedding_lambda", "ffn")
+
+
+def discard_earlier_run(output_dir: str) -> None:
+    """Remove the replaced run's checkpoint-N/ folders and run.json (its adapter files are overwritten at the
+    end), so that `--resume_from_checkpoint latest` can never continue the replaced run as if it were this one."""
+    for name in os.listdir(output_dir):
+        path = os.path.join(output_dir, name)
+        if name.startswith(PREFIX_CHECKPOINT_DIR + "-") and os.path.isdir(path):
+            shutil.rmtree(path)
+    if os.path.isfile(os.path.join(output_dir, RUN_RECORD)):
+        os.remove(os.path.join(output_dir, RUN_RECORD))
 
 
 def check_resumable(checkpoint: str, config) -> None:

@@ -186,6 +186,14 @@ def test_gpt2_conv1d_is_declared_transposed(tiny_model_dir, method):
     assert model.peft_config["default"].fan_in_fan_out
 
 
+def test_overwrite_leaves_nothing_of_the_replaced_run_to_resume(tiny_model_dir, data_file, tmp_path):
+    base, out = tiny_model_dir("llama"), tmp_path / "run"
+    finetune.train(**quick_args(base, data_file, out, max_steps=6, save_step=3))
+    finetune.train(**quick_args(base, data_file, out, max_steps=2, save_step=2, overwrite=True))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]  # checkpoint-3 and -6 are gone
+    assert json.loads((out / "run.json").read_text())["steps"] == 2
+
+
 def test_warm_start_from_finished_adapter(tiny_model_dir, data_file, tmp_path, captured):
     base = tiny_model_dir("gpt2")
     finetune.train(**quick_args(base, data_file, tmp_path / "first", max_steps=10))
