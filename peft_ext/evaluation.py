@@ -215,8 +215,10 @@ class Evaluation:
         }
 
     def check_settings(self, task: Task) -> None:
+        """Refuse to add to predictions made with other settings; a run that stopped before its first prediction
+        (its settings.json written, nothing else) is simply started again."""
         saved = read_json(os.path.join(self.task_dir(task), SETTINGS))
-        if saved is None:
+        if saved is None or not self._all_predictions(self.task_dir(task)):
             return
         current = json.loads(json.dumps(self.settings(task)))
         changed = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))

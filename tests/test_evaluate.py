@@ -452,6 +452,12 @@ def test_other_settings_are_not_mixed_in(tmp_path, checkpoint, data_dir, monkeyp
     assert "num_beams differ" in err and "--overwrite" in err
     run(tmp_path, num_beams=2, overwrite=True, **flags)
     assert metrics(os.path.join(out, "llama-llama-lora", "SVAMP"))["settings"]["num_beams"] == 2
+    # A run that stopped before its first prediction left only settings.json: other settings simply start over.
+    folder = os.path.join(out, "llama-llama-lora", "SVAMP")
+    for name in ("predictions.jsonl", "metrics.json"):
+        os.remove(os.path.join(folder, name))
+    run(tmp_path, num_beams=1, **flags)
+    assert metrics(folder)["settings"]["num_beams"] == 1 and len(predictions(folder)) == 2
 
 
 def test_dtype_is_chosen_recorded_and_not_mixed_in(tmp_path, checkpoint, data_dir, monkeypatch, capsys):
