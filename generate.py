@@ -131,10 +131,12 @@ def _check_port(host: str, port: int) -> None:
 
 def _read_instructions(path: str) -> list[str]:
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             instructions = [line.strip() for line in f if line.strip()]
     except OSError as e:
         raise UsageError(f"cannot read --prompts_file {path!r}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--prompts_file {path!r} is not UTF-8 text ({e}); save it as UTF-8") from None
     if not instructions:
         raise UsageError(f"--prompts_file {path!r} holds no instruction")
     return instructions

@@ -89,10 +89,7 @@ def resolve_tasks(spec, data_dir: str, max_examples: int = 0, skip_missing: bool
 
 
 def load_task(path: str, benchmark: Benchmark | None, max_examples: int = 0) -> Task:
-    try:
-        records = read_records(path)
-    except UnicodeDecodeError as e:
-        raise UsageError(f"{path} is not UTF-8 text ({e}); it should hold {{instruction, input, answer}} records") from None
+    records = read_records(path)
     if not records:
         raise UsageError(f"{path} holds no records; it should hold {{instruction, input, answer}} records")
     records = records[:max_examples] if max_examples > 0 else records

@@ -38,9 +38,11 @@ class Prompter:
                 "or give the path of a template JSON file"
             )
         try:
-            template = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise UsageError(f"prompt template {path} is not valid JSON ({e}); fix the file") from None
+            template = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UsageError(f"prompt template {path} is not valid UTF-8 JSON ({e}); fix the file") from None
+        if not isinstance(template, dict):
+            raise UsageError(f"prompt template {path} must be a JSON object with {list(REQUIRED_KEYS)}; fix the file")
         return cls(template, template.get("name", path.stem))
 
     def save(self, directory: str) -> None:

@@ -21,6 +21,8 @@ def files(tmp_path_factory, tiny_model_dir):
     (d / "no_output.json").write_text(json.dumps([{"instruction": "x", "input": ""}]))
     (d / "empty.json").write_text("[]")
     (d / "a_file").write_text("I am a file")
+    (d / "latin1.json").write_bytes('[{"instruction": "caf\u00e9", "output": "x"}]'.encode("latin-1"))
+    (d / "list_template.json").write_text("[1, 2]")
     return {"dir": d, "model": tiny_model_dir("llama")}
 
 
@@ -31,6 +33,8 @@ CASES = {
     "empty dataset": ({"data_path": "{dir}/empty.json"}, "holds no records"),
     "unknown adapter": ({"adapter_name": "loraa"}, "unknown --adapter_name"),
     "unknown template": ({"prompt_template_name": "alpacca"}, "unknown prompt template"),
+    "template not an object": ({"prompt_template_name": "{dir}/list_template.json"}, "must be a JSON object"),
+    "data not UTF-8": ({"data_path": "{dir}/latin1.json"}, "is not UTF-8 text"),
     "targets match nothing": ({"target_modules": "[q_proj,qq_proj]"}, "match no layer"),
     "batch not divisible": ({"batch_size": 6, "micro_batch_size": 4}, "not a multiple of --micro_batch_size"),
     "cutoff_len not positive": ({"cutoff_len": 0}, "--cutoff_len must be positive"),

@@ -72,6 +72,8 @@ def test_prompts_file_prints_a_json_line_per_instruction(llama_lora, lora_model,
 
 def test_bad_input_gives_one_clear_error(llama, llama_lora, tmp_path):
     (tmp_path / "empty").mkdir()
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\u00e9?\n".encode("latin-1"))
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen()
@@ -82,6 +84,7 @@ def test_bad_input_gives_one_clear_error(llama, llama_lora, tmp_path):
         (dict(lora_weights=llama_lora, base_model=wide, prompt=QUESTION), "does not fit this base model"),
         (dict(lora_weights=llama_lora, prompt=QUESTION, prompts_file="q.txt"), "exclude each other"),
         (dict(lora_weights=llama_lora, prompts_file=str(tmp_path / "none.txt")), "cannot read --prompts_file"),
+        (dict(lora_weights=llama_lora, prompts_file=str(latin1)), "is not UTF-8 text"),
         (dict(lora_weights=llama_lora, auth="nocolon"), "--auth takes user:password"),
         (dict(lora_weights=llama_lora, weights_path=llama, prompt=QUESTION), "name the same thing"),
         (dict(lora_weights=llama_lora, server_port=99999), "port number from 1 to 65535"),
