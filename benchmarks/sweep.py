@@ -83,6 +83,24 @@ def model_type(base_model: str) -> str:
         ) from None
 
 
+# The flags the sweep sets for each run itself, with the sweep's own flag to use instead.
+OWN_FINETUNE_FLAGS = {"output_dir": "--output_dir", "adapter_name": "--adapters", "base_model": "--base_model",
+                      "data_path": "--data_path", "resume_from_checkpoint": "(resuming is automatic)"}
+OWN_EVALUATE_FLAGS = {"output_dir": "--output_dir", "model": "--base_model", "adapter": "--adapters",
+                      "lora_weights": "--adapters", "weights_path": "--adapters", "base_model": "--base_model",
+                      "dataset": "--datasets", "batch_size": "--eval_batch_size", "max_examples": "--max_examples",
+                      "data_dir": "--data_dir"}
+
+
+def check_passed_flags(option: str, texts: list[str], own: dict[str, str]) -> None:
+    """Refuse flags in --finetune_args or --evaluate_args that the sweep sets itself: they would send a run's
+    files where the sweep does not look for them."""
+    for text in texts:
+        for name in parse_flags(text):
+            if name in own:
+                raise UsageError(f"{option} cannot set --{name}: the sweep sets it for each run; use {own[name]}")
+
+
 def parse_flags(text: str) -> dict:
     """'--lora_r 16 --train_on_inputs=False --use_adapterp' -> {'lora_r': '16', ...} (values as typed)."""
     flags, words = {}, shlex.split(text)
@@ -120,7 +138,8 @@ def training_flags(label, base_model, data_path, bundled, family, overrides, fin
         flags.update(BUNDLED_COMMON, **BUNDLED.get(name, {}))
     flags.update({k: v for k, v in overrides.items() if v is not None})
     if isinstance(finetune_args, dict):
-        extra = " ".join(str(finetune_args.get(k, "")) for k in ("all", label, name))
+        by_key = {key(k): v for k, v in finetune_args.items()}  # as --adapters names them: any case, - or _
+        extra = " ".join(str(by_key.get(k, "")) for k in ("all", name))
     else:
         extra = str(finetune_args or "")
     flags.update(parse_flags(extra))
@@ -377,6 +396,9 @@ def main(
         raise UsageError(
             f"--finetune_args keys must be 'all' or adapters of --adapters {labels}, got {sorted(finetune_args)}"
         )
+    check_passed_flags("--finetune_args", [str(v) for v in finetune_args.values()] if isinstance(finetune_args, dict)
+                       else [str(finetune_args or "")], OWN_FINETUNE_FLAGS)
+    check_passed_flags("--evaluate_args", [str(evaluate_args or "")], OWN_EVALUATE_FLAGS)
     if eval_batch_size < 1 or max_examples < 0:
         raise UsageError("--eval_batch_size must be at least 1 and --max_examples at least 0")
     # Absolute local paths, so that a run started from another folder still matches its run.json.

@@ -147,6 +147,19 @@ def test_flags_come_from_the_paper_then_the_bundled_scaling_then_the_user():
     assert "num_virtual_tokens" not in lora and lora["cutoff_len"] == "64"
     with pytest.raises(UsageError, match="not a --flag"):
         sweep.parse_flags("--lora_r 16 32")
+    shouted = sweep.training_flags("prefix_tuning", "m", "d", True, "llama", {}, {"ALL": "--cutoff_len 64", "Prefix-Tuning": "--use_x"})
+    assert (shouted["cutoff_len"], shouted["use_x"]) == ("64", "True")  # keys match as --adapters names match
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--evaluate_args=--output_dir=/tmp/elsewhere --max_new_tokens=4"], "--evaluate_args cannot set --output_dir"),
+    (["--finetune_args=--output_dir /tmp/elsewhere"], "--finetune_args cannot set --output_dir"),
+    (['--finetune_args={"lora": "--adapter_name dora"}'], "--finetune_args cannot set --adapter_name"),
+])
+def test_flags_the_sweep_sets_itself_are_refused(flags, message, tmp_path):
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "sweep.py"), "--output_dir", str(tmp_path / "s"), *flags],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.startswith(f"error: {message}") and not (tmp_path / "s").exists()
 
 
 def test_bad_input_ends_with_one_line_and_exit_status_2():
