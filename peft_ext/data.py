@@ -22,11 +22,18 @@ def _check_records(records: list, path: str) -> None:
         if not isinstance(r, dict):
             raise UsageError(f"record {i} of {path} is a {type(r).__name__}, not an object")
         if r.get("conversations"):
+            turns = r["conversations"]
+            if not isinstance(turns, list) or not all(
+                    isinstance(t, dict) and isinstance(t.get("value", t.get("content")), str) for t in turns):
+                raise UsageError(f"record {i} of {path}: 'conversations' must be a list of turns, each "
+                                 "{from, value} or {role, content} with text as the value")
             continue
-        missing = [k for k in ("instruction", "output") if not isinstance(r.get(k), str)]
-        if missing:
+        missing = [k for k in ("instruction", "output") if k not in r]
+        not_text = [k for k in ("instruction", "output") if k in r and not isinstance(r[k], str)]
+        if missing or not_text:
+            problem = f"lacks {' and '.join(map(repr, missing))}" if missing else f"has a non-text {' and '.join(map(repr, not_text))}"
             raise UsageError(
-                f"record {i} of {path} lacks {' and '.join(repr(m) for m in missing)}; "
+                f"record {i} of {path} {problem}; "
                 "records need 'instruction' and 'output' strings (or ShareGPT 'conversations')"
             )
 

@@ -1,6 +1,7 @@
 """Prompt templates: `templates/NAME.json` files turned into training and inference text."""
 import json
 import os
+import string
 from pathlib import Path
 
 from peft_ext.errors import UsageError
@@ -8,10 +9,27 @@ from peft_ext.errors import UsageError
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
 TEMPLATE_FILE = "prompt_template.json"  # the copy kept in every checkpoint directory
 REQUIRED_KEYS = ("prompt_input", "prompt_no_input", "response_split")
+# The placeholders each text may hold; any other would fail only when the first example is formatted.
+PLACEHOLDERS = {"prompt_input": {"instruction", "input"}, "prompt_no_input": {"instruction"},
+                "chat_user": {"message"}, "chat_assistant": {"message"}, "chat_system": set(), "response_split": set()}
 
 
 def available_templates() -> list[str]:
     return sorted(p.stem for p in TEMPLATES_DIR.glob("*.json"))
+
+
+def _check_text(name: str, key: str, text, allowed: set[str]) -> None:
+    if not isinstance(text, str):
+        raise UsageError(f"prompt template {name!r}: {key!r} must be a string, got {type(text).__name__}")
+    try:
+        used = {field for _, field, _, _ in string.Formatter().parse(text) if field is not None}
+    except ValueError as e:
+        raise UsageError(f"prompt template {name!r}: {key!r} is not a valid format string ({e}); "
+                         "write {{ and }} for literal braces") from None
+    if used - allowed:
+        may = ", ".join("{" + f + "}" for f in sorted(allowed)) or "no placeholder"
+        raise UsageError(f"prompt template {name!r}: {key!r} uses {sorted(used - allowed)}, but may hold only {may} "
+                         "(write {{ and }} for literal braces)")
 
 
 class Prompter:
@@ -21,6 +39,14 @@ class Prompter:
         missing = [k for k in REQUIRED_KEYS if k not in template]
         if missing:
             raise UsageError(f"prompt template {name!r} lacks the key(s) {missing}; see templates/README.md")
+        for key, allowed in PLACEHOLDERS.items():
+            if key in template:
+                _check_text(name, key, template[key], allowed)
+        stop = template.get("stop", [])
+        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+            raise UsageError(f"prompt template {name!r}: 'stop' must be a list of non-empty strings")
+        if not template["response_split"]:
+            raise UsageError(f"prompt template {name!r}: 'response_split' must not be empty")
         self.template = template
         self.name = name
 

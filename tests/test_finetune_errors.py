@@ -23,6 +23,10 @@ def files(tmp_path_factory, tiny_model_dir):
     (d / "a_file").write_text("I am a file")
     (d / "latin1.json").write_bytes('[{"instruction": "caf\u00e9", "output": "x"}]'.encode("latin-1"))
     (d / "list_template.json").write_text("[1, 2]")
+    (d / "odd_placeholder.json").write_text(json.dumps({"prompt_input": "{instruction} {context}", "prompt_no_input": "{instruction}",
+                                                        "response_split": "### Response:"}))
+    (d / "numeric_output.json").write_text(json.dumps([{"instruction": "2+3?", "output": 5}]))
+    (d / "bad_turns.json").write_text(json.dumps([{"conversations": "hello"}]))
     return {"dir": d, "model": tiny_model_dir("llama")}
 
 
@@ -35,6 +39,9 @@ CASES = {
     "unknown template": ({"prompt_template_name": "alpacca"}, "unknown prompt template"),
     "template not an object": ({"prompt_template_name": "{dir}/list_template.json"}, "must be a JSON object"),
     "data not UTF-8": ({"data_path": "{dir}/latin1.json"}, "is not UTF-8 text"),
+    "unknown placeholder": ({"prompt_template_name": "{dir}/odd_placeholder.json"}, "uses ['context'], but may hold only"),
+    "numeric output": ({"data_path": "{dir}/numeric_output.json"}, "has a non-text 'output'"),
+    "conversation not a list": ({"data_path": "{dir}/bad_turns.json"}, "'conversations' must be a list of turns"),
     "targets match nothing": ({"target_modules": "[q_proj,qq_proj]"}, "match no layer"),
     "batch not divisible": ({"batch_size": 6, "micro_batch_size": 4}, "not a multiple of --micro_batch_size"),
     "cutoff_len not positive": ({"cutoff_len": 0}, "--cutoff_len must be positive"),
