@@ -158,6 +158,7 @@ def infer(name: str, answers: list) -> Benchmark:
 
 
 def check_rule(rule: str) -> str:
+    rule = str(rule).strip().lower()
     if rule not in ANSWER_RULES:
         raise UsageError(f"unknown --answer_rule {rule!r}; choose 'strict' (default) or 'paper' (the reference's first capital A-E)")
     return rule

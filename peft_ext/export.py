@@ -42,7 +42,8 @@ def check_shard_size(size) -> None:
     """A --max_shard_size that save_pretrained takes (bytes, or a number and KB/MB/GB/TB), checked before loading."""
     if isinstance(size, int) and not isinstance(size, bool) and size > 0:
         return
-    if not re.fullmatch(r"\s*\d+(\.\d+)?\s*[KMGT]B\s*", str(size), flags=re.IGNORECASE):
+    match = re.fullmatch(r"\s*(\d+(\.\d+)?)\s*[KMGT]B\s*", str(size), flags=re.IGNORECASE)
+    if not match or float(match.group(1)) <= 0:
         raise UsageError(f"--max_shard_size must be a size such as 5GB or 500MB, got {size!r}")
 
 

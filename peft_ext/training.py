@@ -67,6 +67,9 @@ def check_schedule(num_epochs: float, max_steps: int, learning_rate: float, warm
         raise UsageError(
             f"--save_step {save_step} must be a multiple of --eval_step {eval_step} when there is a validation set"
         )
+    if 0 < max_steps <= warmup_steps:
+        print(f"note: --warmup_steps {warmup_steps} is not below --max_steps {max_steps}: the learning rate stays in "
+              "its warmup and never reaches --learning_rate")
 
 
 @dataclass

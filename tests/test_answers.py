@@ -88,6 +88,7 @@ def test_unknown_name_lists_the_known_ones():
         answers.get("svamp2")
     with pytest.raises(UsageError, match="answer_rule"):
         answers.check_rule("first")
+    assert answers.check_rule(" Paper") == "paper"  # any case, as dataset names
 
 
 def test_infer_kind_of_an_unknown_set():

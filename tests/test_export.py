@@ -128,7 +128,7 @@ def test_bad_input_gives_one_clear_error(llama, llama_lora, tmp_path, monkeypatc
     with pytest.raises(UsageError, match="no-such-base.*does not exist"):
         export_hf.main(lora_weights=llama_lora, output_dir=str(tmp_path / "out"))
     monkeypatch.delenv("BASE_MODEL")
-    for size in ("abc", "5GiB", 0):  # save_pretrained would refuse these only after the merge
+    for size in ("abc", "5GiB", 0, "0GB"):  # save_pretrained would refuse these only after the merge
         with pytest.raises(UsageError, match="--max_shard_size must be a size such as 5GB"):
             export_hf.main(lora_weights=llama_lora, output_dir=str(tmp_path / "out"), max_shard_size=size)
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
