@@ -64,4 +64,6 @@ def _as_annotated(name: str, value, annotation):
         raise UsageError(f"--{name} must be a number, got {value!r}")
     if annotation is str and (number or isinstance(value, bool)):
         return str(value)  # `--output_dir 2024`, `--model 7`
+    if annotation is str and isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))  # `--prompt 3,4` and `--dataset SVAMP,AddSub`, which fire splits, as typed
     return value

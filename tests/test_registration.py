@@ -123,6 +123,8 @@ def test_ctrl_c_ends_with_one_line_below_the_progress_bars(capsys):
     (["--overwrite", "false", "--steps", "2.0"], {"overwrite": False, "steps": 2, "rate": 0.5, "name": ""}),
     (["--overwrite", "yes", "--rate", "1", "--name", "2024"], {"overwrite": True, "steps": 1, "rate": 1, "name": "2024"}),
     (["--nooverwrite", "--steps", "None"], {"overwrite": False, "steps": None, "rate": 0.5, "name": ""}),
+    (["--name", "3,4"], {"overwrite": False, "steps": 1, "rate": 0.5, "name": "3,4"}),
+    (["--name", "SVAMP,AddSub"], {"overwrite": False, "steps": 1, "rate": 0.5, "name": "SVAMP,AddSub"}),
     (["--overwrite", "maybe"], "error: --overwrite must be True or False, got 'maybe'"),
     (["--steps", "2.5"], "error: --steps must be a whole number, got 2.5"),
     (["--rate", "abc"], "error: --rate must be a number, got 'abc'"),
