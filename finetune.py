@@ -129,9 +129,12 @@ def train(
     adapters.resolve(adapter_name, adapter_options)
     prompter = Prompter.load(prompt_template_name)
     resume = training.resume_plan(resume_from_checkpoint, output_dir, overwrite)
-    if resume.checkpoint:  # its adapter must be the one these flags make
-        model_type = load_config(base_model, trust_remote_code).model_type
-        training.check_resumable(resume.checkpoint, adapters.make_config(adapter_name, adapter_options, model_type)[1])
+    if not resume.warm_start:  # (a warm start takes its adapter's own settings)
+        base_config = load_config(base_model, trust_remote_code)
+        peft_config = adapters.make_config(adapter_name, adapter_options, base_config.model_type)[1]
+        adapters.check_on_skeleton(base_config, peft_config, trust_remote_code)
+        if resume.checkpoint:  # its adapter must be the one these flags make
+            training.check_resumable(resume.checkpoint, peft_config)
     train_data, _ = load_data(data_path)
     train_data, val_data = split_validation(train_data, val_set_size, seed)
     training.check_schedule(num_epochs, max_steps, learning_rate, warmup_steps, eval_step, save_step,
