@@ -36,6 +36,9 @@ def _check_records(records: list, path: str) -> None:
                 f"record {i} of {path} {problem}; "
                 "records need 'instruction' and 'output' strings (or ShareGPT 'conversations')"
             )
+        if not isinstance(r.get("input"), (str, int, float, type(None))) or isinstance(r.get("input"), bool):
+            raise UsageError(f"record {i} of {path} has an 'input' that is a {type(r['input']).__name__}, not text; "
+                             "give the input as a string")
 
 
 def _records_dataset(path: str) -> Dataset:

@@ -27,6 +27,7 @@ def files(tmp_path_factory, tiny_model_dir):
                                                         "response_split": "### Response:"}))
     (d / "numeric_output.json").write_text(json.dumps([{"instruction": "2+3?", "output": 5}]))
     (d / "bad_turns.json").write_text(json.dumps([{"conversations": "hello"}]))
+    (d / "list_input.json").write_text(json.dumps([{"instruction": "Sum these", "input": [1, 2], "output": "3"}]))
     return {"dir": d, "model": tiny_model_dir("llama")}
 
 
@@ -42,6 +43,7 @@ CASES = {
     "unknown placeholder": ({"prompt_template_name": "{dir}/odd_placeholder.json"}, "uses ['context'], but may hold only"),
     "numeric output": ({"data_path": "{dir}/numeric_output.json"}, "has a non-text 'output'"),
     "conversation not a list": ({"data_path": "{dir}/bad_turns.json"}, "'conversations' must be a list of turns"),
+    "input a list": ({"data_path": "{dir}/list_input.json"}, "has an 'input' that is a list, not text"),
     "targets match nothing": ({"target_modules": "[q_proj,qq_proj]"}, "match no layer"),
     "batch not divisible": ({"batch_size": 6, "micro_batch_size": 4}, "not a multiple of --micro_batch_size"),
     "cutoff_len not positive": ({"cutoff_len": 0}, "--cutoff_len must be positive"),
