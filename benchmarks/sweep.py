@@ -212,8 +212,8 @@ def check_adapters(flags: dict[str, dict]) -> None:
     from peft_ext.adapters import resolve
 
     for label, adapter_flags in flags.items():
-        try:
-            resolve(label, adapter_flags)
+        try:  # the values as finetune.py's command line will read them (--finetune_args gives them as text)
+            resolve(label, {name: as_recorded(value) for name, value in adapter_flags.items()})
         except UsageError as e:
             raise UsageError(f"--adapters {label}: {e}") from None
 

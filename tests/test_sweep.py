@@ -147,6 +147,10 @@ def test_flags_come_from_the_paper_then_the_bundled_scaling_then_the_user():
     assert "num_virtual_tokens" not in lora and lora["cutoff_len"] == "64"
     with pytest.raises(UsageError, match="not a --flag"):
         sweep.parse_flags("--lora_r 16 32")
+    given = sweep.training_flags("lora", "m", "d", True, "llama", {}, "--lora_r 16 --lora_dropout 0.1")
+    sweep.check_adapters({"lora": given})  # numbers typed in --finetune_args are numbers to finetune.py
+    with pytest.raises(UsageError, match="--adapters lora: --lora_r must be a whole number at least 1, got 0"):
+        sweep.check_adapters({"lora": sweep.training_flags("lora", "m", "d", True, "llama", {}, "--lora_r 0")})
     shouted = sweep.training_flags("prefix_tuning", "m", "d", True, "llama", {}, {"ALL": "--cutoff_len 64", "Prefix-Tuning": "--use_x"})
     assert (shouted["cutoff_len"], shouted["use_x"]) == ("64", "True")  # keys match as --adapters names match
 
