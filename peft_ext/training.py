@@ -1,6 +1,5 @@
 """What finetune.py needs around the HF Trainer: checks, resume, logging, the run record, saving."""
 import importlib.metadata
-import json
 import netrc
 import os
 import platform
@@ -21,7 +20,7 @@ from peft_ext import packing as packing_module
 from peft_ext.adapters import resolve
 from peft_ext.errors import UsageError
 from peft_ext.files import write_json_atomic
-from peft_ext.modeling import ADAPTER_CONFIG, load_adapter, precision
+from peft_ext.modeling import ADAPTER_CONFIG, load_adapter, precision, read_adapter_config
 
 # The finetune flags that describe the adapter; they travel together to peft_ext.adapters.build.
 ADAPTER_FLAGS = (
@@ -176,8 +175,7 @@ def discard_earlier_run(output_dir: str) -> None:
 
 def check_resumable(checkpoint: str, config) -> None:
     """Refuse, before the model loads, to resume `checkpoint` with flags that describe another adapter."""
-    with open(os.path.join(checkpoint, ADAPTER_CONFIG)) as f:
-        saved = json.load(f)
+    saved = read_adapter_config(checkpoint)
     wanted = config.to_dict()
 
     def plain(value):
