@@ -1,9 +1,14 @@
 """Bad input ends a script with one clear line on stderr and a non-zero exit, never a traceback; so does Ctrl-C."""
+import difflib
 import functools
 import inspect
+import os
 import sys
 
 import fire
+import fire.core
+import fire.inspectutils
+import fire.parser
 from tqdm import tqdm
 
 
@@ -15,7 +20,12 @@ def run_cli(fn, interrupted: str = "") -> None:
     """`fire.Fire(fn)`, turning a UsageError into `error: ...` on stderr and exit status 2, and Ctrl-C into
     `interrupted: ...` (what is kept and how to go on, as `interrupted` says) and the shell's status 130."""
     try:
-        fire.Fire(_typed(fn))
+        args = sys.argv[1:]
+        if "-h" in args or "--help" in args:
+            args = ["--help"]  # fire would run the script first when other flags come before it, then show help
+        else:
+            _refuse_unknown(fn, args)
+        fire.Fire(_typed(fn), command=args)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -24,6 +34,28 @@ def run_cli(fn, interrupted: str = "") -> None:
             bar.close()
         print(f"\ninterrupted{': ' + interrupted if interrupted else ''}", file=sys.stderr)
         sys.exit(130)
+
+
+def _refuse_unknown(fn, args: list[str]) -> None:
+    """fire runs a script with the flags it knows and complains of the others only once the run is over, so a
+    misspelt `--num_epoch 1` would train with the default epochs first. Here the command line is read as fire
+    will read it (its own parser: fire is pinned in requirements.txt) and refused before any work."""
+    args, _ = fire.parser.SeparateFlagArgs(args)  # what follows a final `--` is fire's own flags
+    spec = fire.inspectutils.GetFullArgSpec(fn)
+    given, unknown, positional = fire.core._ParseKeywordArgs(args, spec)
+    script = os.path.basename(sys.argv[0])
+    for flag in [arg for arg in unknown if fire.core._IsFlag(arg)]:
+        at = args.index(flag)
+        if " " in flag and at and fire.core._IsFlag(args[at - 1]):  # `--finetune_args "--lora_r 16"`
+            raise UsageError(f"{args[at - 1]} {flag!r} reads as two flags: write {args[at - 1]}={flag!r}, with the '='")
+        name = flag.lstrip("-").split("=", 1)[0].replace("-", "_")
+        close = difflib.get_close_matches(name, spec.args, n=1)
+        hint = f"did you mean --{close[0]}? " if close else ""
+        raise UsageError(f"{script} has no flag {flag.split('=', 1)[0]}; {hint}`python {script} --help` lists its flags")
+    free = [name for name in spec.args if name not in given]
+    if len(positional) > len(free):
+        raise UsageError(f"unexpected argument {positional[len(free)]!r}: {script} takes its settings as --flags "
+                         f"(`python {script} --help` lists them); a value that starts with '-' needs --flag=VALUE")
 
 
 TRUE, FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")

@@ -97,6 +97,15 @@ def test_command_line_error_is_one_line_on_stderr_and_exit_2(files, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_misspelt_flag_is_refused_before_training(files, tmp_path):
+    """fire alone would train with the default epochs and complain of `--num_epoch` only at the end."""
+    done = run_finetune({"base_model": files["model"], "data_path": "{dir}/good.json", "num_epoch": 1,
+                         "output_dir": str(tmp_path / "out")}, files["dir"])
+    assert done.returncode == 2 and done.stderr.strip() == (
+        "error: finetune.py has no flag --num_epoch; did you mean --num_epochs? `python finetune.py --help` lists its flags")
+    assert not (tmp_path / "out").exists()
+
+
 def test_refuses_to_train_over_a_finished_run(files, tmp_path):
     out = tmp_path / "out"
     out.mkdir()

@@ -99,7 +99,7 @@ def test_help_describes_every_flag(script):
         assert described, f"{script}: --{name} has no description in --help"
 
 
-def test_ctrl_c_ends_with_one_line_below_the_progress_bars(capsys):
+def test_ctrl_c_ends_with_one_line_below_the_progress_bars(monkeypatch, capsys):
     """A KeyboardInterrupt deep in a run: the open progress bars are closed first, so the last line on stderr is
     the script's note of what is kept and how to go on, and the exit status is the shell's 130 for Ctrl-C."""
     from tqdm import tqdm
@@ -111,6 +111,7 @@ def test_ctrl_c_ends_with_one_line_below_the_progress_bars(capsys):
         bar.update(3)
         raise KeyboardInterrupt
 
+    monkeypatch.setattr(sys, "argv", ["finetune.py"])
     with pytest.raises(SystemExit) as exit_info:
         run_cli(long_job, interrupted="checkpoints are kept; continue with --resume_from_checkpoint latest")
     assert exit_info.value.code == 130
@@ -128,6 +129,13 @@ def test_ctrl_c_ends_with_one_line_below_the_progress_bars(capsys):
     (["--overwrite", "maybe"], "error: --overwrite must be True or False, got 'maybe'"),
     (["--steps", "2.5"], "error: --steps must be a whole number, got 2.5"),
     (["--rate", "abc"], "error: --rate must be a number, got 'abc'"),
+    # fire would run the script with the flags it knows and complain of a misspelt one only afterwards
+    (["--step", "3"], "error: script.py has no flag --step; did you mean --steps? `python script.py --help` lists its flags"),
+    (["--steps=3", "--verbose"], "error: script.py has no flag --verbose; `python script.py --help` lists its flags"),
+    (["--name", "--lora_r 16"], "error: --name '--lora_r 16' reads as two flags: write --name='--lora_r 16', with the '='"),
+    (["--name=--lora_r 16", "-s", "3"], {"overwrite": False, "steps": 3, "rate": 0.5, "name": "--lora_r 16"}),
+    (["True", "2", "0.25", "x", "extra"], "error: unexpected argument 'extra': script.py takes its settings as --flags "
+                                         "(`python script.py --help` lists them); a value that starts with '-' needs --flag=VALUE"),
 ])
 def test_flags_are_held_to_their_annotated_types(argv, expected, monkeypatch, capsys):
     """fire reads `--overwrite false` as the (true) string 'false': a script must take it as False, and refuse
@@ -147,3 +155,22 @@ def test_flags_are_held_to_their_annotated_types(argv, expected, monkeypatch, ca
         with pytest.raises(SystemExit) as exit_info:
             run_cli(script)
         assert exit_info.value.code == 2 and capsys.readouterr().err.strip() == expected and not seen
+
+
+def test_help_among_other_flags_shows_help_without_running(monkeypatch, capsys):
+    """`--steps 3 --help` would run the script first under fire, then show its help."""
+    from peft_ext.errors import run_cli
+
+    ran = []
+
+    def script(steps: int = 1):
+        """Counts steps."""
+        ran.append(steps)
+
+    monkeypatch.setattr(sys, "argv", ["script.py", "--steps", "3", "--help"])
+    monkeypatch.setenv("PAGER", "cat")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(script)
+    assert exit_info.value.code == 0 and not ran
+    out = capsys.readouterr()
+    assert "--steps=STEPS" in out.out + out.err
