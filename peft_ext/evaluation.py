@@ -226,10 +226,17 @@ class Evaluation:
             )
 
     def finished(self, task: Task) -> dict | None:
-        """The saved metrics if this set is done with these settings and these examples."""
+        """The metrics of this set if it is done with these settings: as saved, or, for the first N examples of a
+        larger run (`--max_examples N` after a longer run), scored from its predictions, which stay as they are."""
         self.check_settings(task)
-        metrics = read_json(os.path.join(self.task_dir(task), METRICS))
-        return metrics if metrics and metrics.get("n") == len(task.examples) else None
+        folder = self.task_dir(task)
+        metrics = read_json(os.path.join(folder, METRICS))
+        if metrics and metrics.get("n") == len(task.examples):
+            return metrics
+        by_index = {r["index"]: r for r in self._all_predictions(folder)} if os.path.isdir(folder) else {}
+        if len(by_index) > len(task.examples) and all(i in by_index for i in range(len(task.examples))):
+            return self._metrics(task, by_index, generated=0, resumed=len(task.examples), seconds=0.0, world=1)
+        return None
 
     def discard(self, task: Task) -> None:
         shutil.rmtree(self.task_dir(task), ignore_errors=True)
@@ -297,7 +304,13 @@ class Evaluation:
         for name in os.listdir(folder):
             if name.startswith("predictions.rank"):
                 os.remove(os.path.join(folder, name))
+        metrics = self._metrics(task, by_index, generated, resumed, seconds, world)
+        write_json_atomic(os.path.join(folder, METRICS), metrics)
+        return metrics
 
+    def _metrics(self, task: Task, by_index: dict[int, dict], generated: int, resumed: int, seconds: float, world: int) -> dict:
+        """The scores of the task's examples, from their predictions by index."""
+        benchmark = task.benchmark
         scored = [by_index[i] for i in range(len(task.examples))]
         n, correct = len(scored), sum(r["correct"] for r in scored)
         metrics = {
@@ -322,7 +335,6 @@ class Evaluation:
                 rule: sum(benchmark.is_correct(benchmark.extract(r["response"], rule), r["label"]) for r in scored) / n
                 for rule in answers.ANSWER_RULES
             }
-        write_json_atomic(os.path.join(folder, METRICS), metrics)
         return metrics
 
 

@@ -372,6 +372,24 @@ def test_finished_run_loads_no_model(tmp_path, checkpoint, data_dir, monkeypatch
     assert "SVAMP: " in capsys.readouterr().out
 
 
+def test_first_examples_of_a_larger_run_are_scored_without_the_model(tmp_path, checkpoint, data_dir, monkeypatch, capsys):
+    """`--max_examples 3` after a run of 6: the score of the first 3 from the saved predictions, at once, and the
+    larger run's files as they were (a later run of 6 finds it finished)."""
+    flags = dict(lora_weights=checkpoint, dataset="SVAMP", data_dir=data_dir)
+    out = run(tmp_path, max_examples=6, **flags)
+    folder = os.path.join(out, "llama-llama-lora", "SVAMP")
+    before = {name: open(os.path.join(folder, name)).read() for name in os.listdir(folder)}
+    monkeypatch.setattr(evaluate, "load_for_inference", lambda *a, **k: pytest.fail("the model was loaded"))
+    capsys.readouterr()
+    run(tmp_path, max_examples=3, **flags)
+    first = predictions(folder)[:3]
+    correct = sum(r["correct"] for r in first)
+    assert f"SVAMP: {100 * correct / 3:.1f}% ({correct}/3) (done before)" in capsys.readouterr().out
+    assert {name: open(os.path.join(folder, name)).read() for name in os.listdir(folder)} == before
+    run(tmp_path, max_examples=6, **flags)
+    assert metrics(folder)["n"] == 6
+
+
 def test_suite_table_with_a_missing_set(tmp_path, checkpoint, data_dir, capsys):
     out = run(tmp_path, lora_weights=checkpoint, dataset="commonsense", data_dir=data_dir, max_examples=1,
               max_new_tokens=4, skip_missing=True, model="LLaMA-7B", adapter="LoRA")
