@@ -13,6 +13,7 @@ Run the same command again to continue: a finished adapter is not retrained, an 
 from its newest checkpoint-N/, and evaluate.py continues a partial evaluation. A second run of a
 finished sweep starts no process and only rewrites the tables.
 """
+import ast
 import csv
 import io
 import json
@@ -27,7 +28,7 @@ from fire.parser import DefaultParseValue
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # peft_ext
 from peft_ext.bundled import BASE_MODEL, DATA_DIR, TEST_DATA, TINY_RECIPE, TRAIN_DATA  # noqa: E402
-from peft_ext.errors import UsageError, run_cli  # noqa: E402
+from peft_ext.errors import UsageError, no_such_flag, run_cli  # noqa: E402
 from peft_ext.files import atomic_open, run_folder, write_json_atomic, write_text_atomic  # noqa: E402
 
 ADAPTERS = "lora,adapterh,adapterp,parallel,prefix-tuning"
@@ -92,13 +93,29 @@ OWN_EVALUATE_FLAGS = {"output_dir": "--output_dir", "model": "--base_model", "ad
                       "data_dir": "--data_dir"}
 
 
-def check_passed_flags(option: str, texts: list[str], own: dict[str, str]) -> None:
-    """Refuse flags in --finetune_args or --evaluate_args that the sweep sets itself: they would send a run's
-    files where the sweep does not look for them."""
+def check_passed_flags(option: str, texts: list[str], script: str, own: dict[str, str]) -> None:
+    """Refuse flags in --finetune_args or --evaluate_args that `script` does not have, now rather than when
+    the adapters before the one they are for have trained, and those the sweep sets itself: they would send a
+    run's files where the sweep does not look for them."""
+    known = script_flags(script)
     for text in texts:
         for name in parse_flags(text):
-            if name in own:
+            flag = name.replace("-", "_")
+            if flag not in known and not (flag.startswith("no") and flag[2:] in known):  # fire's --noflag
+                raise UsageError(f"{option}: {no_such_flag(script, '--' + name, known)}")
+            if flag in own:
                 raise UsageError(f"{option} cannot set --{name}: the sweep sets it for each run; use {own[name]}")
+
+
+def script_flags(script: str) -> list[str]:
+    """The flags of one of this project's scripts: the parameters of the function its `run_cli` runs, read from
+    its source (importing it would load torch)."""
+    with open(os.path.join(ROOT, script)) as f:
+        tree = ast.parse(f.read())
+    entry = next(node.args[0].id for node in ast.walk(tree)
+                 if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "run_cli")
+    function = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == entry)
+    return [arg.arg for arg in function.args.args]
 
 
 def parse_flags(text: str) -> dict:
@@ -397,8 +414,8 @@ def main(
             f"--finetune_args keys must be 'all' or adapters of --adapters {labels}, got {sorted(finetune_args)}"
         )
     check_passed_flags("--finetune_args", [str(v) for v in finetune_args.values()] if isinstance(finetune_args, dict)
-                       else [str(finetune_args or "")], OWN_FINETUNE_FLAGS)
-    check_passed_flags("--evaluate_args", [str(evaluate_args or "")], OWN_EVALUATE_FLAGS)
+                       else [str(finetune_args or "")], "finetune.py", OWN_FINETUNE_FLAGS)
+    check_passed_flags("--evaluate_args", [str(evaluate_args or "")], "evaluate.py", OWN_EVALUATE_FLAGS)
     if eval_batch_size < 1 or max_examples < 0:
         raise UsageError("--eval_batch_size must be at least 1 and --max_examples at least 0")
     # Absolute local paths, so that a run started from another folder still matches its run.json.

@@ -48,14 +48,19 @@ def _refuse_unknown(fn, args: list[str]) -> None:
         at = args.index(flag)
         if " " in flag and at and fire.core._IsFlag(args[at - 1]):  # `--finetune_args "--lora_r 16"`
             raise UsageError(f"{args[at - 1]} {flag!r} reads as two flags: write {args[at - 1]}={flag!r}, with the '='")
-        name = flag.lstrip("-").split("=", 1)[0].replace("-", "_")
-        close = difflib.get_close_matches(name, spec.args, n=1)
-        hint = f"did you mean --{close[0]}? " if close else ""
-        raise UsageError(f"{script} has no flag {flag.split('=', 1)[0]}; {hint}`python {script} --help` lists its flags")
+        raise no_such_flag(script, flag, spec.args)
     free = [name for name in spec.args if name not in given]
     if len(positional) > len(free):
         raise UsageError(f"unexpected argument {positional[len(free)]!r}: {script} takes its settings as --flags "
                          f"(`python {script} --help` lists them); a value that starts with '-' needs --flag=VALUE")
+
+
+def no_such_flag(script: str, flag: str, known: list[str]) -> UsageError:
+    """The error for a `flag` (as typed: `--num_epoch`, `--lora-rr=4`) that is none of `script`'s `known` flags."""
+    name = flag.lstrip("-").split("=", 1)[0]
+    close = difflib.get_close_matches(name.replace("-", "_"), known, n=1)
+    hint = f"did you mean --{close[0]}? " if close else ""
+    return UsageError(f"{script} has no flag --{name}; {hint}`python {script} --help` lists its flags")
 
 
 TRUE, FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")

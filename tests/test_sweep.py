@@ -159,6 +159,9 @@ def test_flags_come_from_the_paper_then_the_bundled_scaling_then_the_user():
     (["--evaluate_args=--output_dir=/tmp/elsewhere --max_new_tokens=4"], "--evaluate_args cannot set --output_dir"),
     (["--finetune_args=--output_dir /tmp/elsewhere"], "--finetune_args cannot set --output_dir"),
     (['--finetune_args={"lora": "--adapter_name dora"}'], "--finetune_args cannot set --adapter_name"),
+    # a typo in one adapter's flags fails before the adapters listed before it train
+    (['--finetune_args={"parallel": "--lora_rr 16"}'], "--finetune_args: finetune.py has no flag --lora_rr; did you mean --lora_r?"),
+    (["--evaluate_args=--num-beam=4"], "--evaluate_args: evaluate.py has no flag --num-beam; did you mean --num_beams?"),
 ])
 def test_flags_the_sweep_sets_itself_are_refused(flags, message, tmp_path):
     done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "sweep.py"), "--output_dir", str(tmp_path / "s"), *flags],
