@@ -10,7 +10,16 @@ import os
 from peft_ext import answers, bundled
 from peft_ext.checkpoint import adapter_dir_flag, load_for_inference, resolve_checkpoint
 from peft_ext.errors import UsageError, run_cli
-from peft_ext.evaluation import Evaluation, Ranks, append_result, dataset_items, paper_table, resolve_tasks
+from peft_ext.evaluation import (
+    METRICS,
+    PREDICTIONS,
+    Evaluation,
+    Ranks,
+    append_result,
+    dataset_items,
+    paper_table,
+    resolve_tasks,
+)
 from peft_ext.files import run_folder, write_text_atomic
 from peft_ext.modeling import parse_dtype
 
@@ -128,10 +137,13 @@ def main(
 
     # save: a line per set, and the paper's table per suite
     for task in tasks:
-        m = metrics[task.benchmark.name]
-        speed = f", {m['examples_per_s']:.2f} examples/s" if task in pending and m["examples_per_s"] else " (done before)"
-        print(f"{task.benchmark.name}: {100 * m['accuracy']:.1f}% ({m['correct']}/{m['n']}){speed}"
-              f" -> {os.path.join(run.task_dir(task), 'metrics.json')}")
+        m, folder = metrics[task.benchmark.name], run.task_dir(task)
+        if "scored_from" in m:  # the first N of a longer run's predictions; its metrics.json is that run's
+            where = f" (the first {m['n']} of {m['scored_from']} saved predictions) -> {os.path.join(folder, PREDICTIONS)}"
+        else:
+            speed = f", {m['examples_per_s']:.2f} examples/s" if task in pending and m["examples_per_s"] else " (done before)"
+            where = f"{speed} -> {os.path.join(folder, METRICS)}"
+        print(f"{task.benchmark.name}: {100 * m['accuracy']:.1f}% ({m['correct']}/{m['n']}){where}")
     for benchmark in missing:
         print(f"{benchmark.name}: skipped, no {os.path.join(data_dir, benchmark.name, 'test.json')}")
     accuracy = {name: m["accuracy"] for name, m in metrics.items()}

@@ -5,6 +5,7 @@ A checkpoint directory (finetune.py's output_dir) holds the adapter in peft's fo
 `prompt_template.json` and `run.json` (whose "args" name the base model). A merged model (from
 export_hf_checkpoint.py) or any plain model is used as `--base_model` with no adapter.
 """
+import hashlib
 import json
 import os
 import re
@@ -45,7 +46,9 @@ class Checkpoint:
         """What decides the model's outputs, to tell whether saved predictions came from this model."""
         return {
             "base_model": _canonical(self.base_model),
+            "base_model_files": weights_fingerprint(self.base_model, content=False),
             "lora_weights": _canonical(self.adapter_dir) if self.adapter_dir else None,
+            "lora_weights_sha256": weights_fingerprint(self.adapter_dir, content=True) if self.adapter_dir else None,
             "prompt_template": self.prompter.template,
             "dtype": str(dtype).removeprefix("torch."),
         }
@@ -54,6 +57,30 @@ class Checkpoint:
 def _canonical(path: str) -> str:
     """A local path made absolute (so a run can resume from another working directory); a hub id as is."""
     return os.path.realpath(path) if os.path.exists(path) else path
+
+
+# weights, not a checkpoint-N folder's training state
+WEIGHT_FILE = re.compile(r"(?!optimizer|scheduler|rng_state|training_args).*\.(safetensors|bin|pt|pth)$")
+
+
+def weights_fingerprint(folder: str, content: bool) -> str | None:
+    """A short fingerprint of a local folder's weight files, which changes when a model is retrained or
+    re-exported into the same folder: of their bytes (for an adapter, which is small), or of their names, sizes
+    and modification times (for a base model: hashing gigabytes would slow every run). None for a hub id."""
+    if not os.path.isdir(folder):
+        return None
+    digest = hashlib.sha256()
+    for name in sorted(f for f in os.listdir(folder) if WEIGHT_FILE.match(f)):
+        path = os.path.join(folder, name)
+        digest.update(name.encode() + b"\0")
+        if content:
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+        else:
+            stat = os.stat(path)
+            digest.update(f"{stat.st_size} {stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def _read_run_record(adapter_dir: str) -> dict:

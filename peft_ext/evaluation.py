@@ -218,7 +218,8 @@ class Evaluation:
         if saved is None or not self._all_predictions(self.task_dir(task)):
             return
         current = json.loads(json.dumps(self.settings(task)))
-        changed = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
+        # a setting that an earlier version did not record is not taken as changed
+        changed = sorted(k for k in current if k in saved and saved[k] != current[k])
         if changed:
             raise UsageError(
                 f"{self.task_dir(task)} holds predictions made with other settings ({', '.join(changed)} differ); "
@@ -235,7 +236,8 @@ class Evaluation:
             return metrics
         by_index = {r["index"]: r for r in self._all_predictions(folder)} if os.path.isdir(folder) else {}
         if len(by_index) > len(task.examples) and all(i in by_index for i in range(len(task.examples))):
-            return self._metrics(task, by_index, generated=0, resumed=len(task.examples), seconds=0.0, world=1)
+            metrics = self._metrics(task, by_index, generated=0, resumed=len(task.examples), seconds=0.0, world=1)
+            return {**metrics, "scored_from": len(by_index)}
         return None
 
     def discard(self, task: Task) -> None:

@@ -384,7 +384,8 @@ def test_first_examples_of_a_larger_run_are_scored_without_the_model(tmp_path, c
     run(tmp_path, max_examples=3, **flags)
     first = predictions(folder)[:3]
     correct = sum(r["correct"] for r in first)
-    assert f"SVAMP: {100 * correct / 3:.1f}% ({correct}/3) (done before)" in capsys.readouterr().out
+    assert f"SVAMP: {100 * correct / 3:.1f}% ({correct}/3) (the first 3 of 6 saved predictions) -> {folder}/predictions.jsonl" \
+        in capsys.readouterr().out
     assert {name: open(os.path.join(folder, name)).read() for name in os.listdir(folder)} == before
     run(tmp_path, max_examples=6, **flags)
     assert metrics(folder)["n"] == 6
@@ -476,6 +477,29 @@ def test_other_settings_are_not_mixed_in(tmp_path, checkpoint, data_dir, monkeyp
         os.remove(os.path.join(folder, name))
     run(tmp_path, num_beams=1, **flags)
     assert metrics(folder)["settings"]["num_beams"] == 1 and len(predictions(folder)) == 2
+
+
+def test_predictions_of_earlier_weights_in_the_same_folders_are_not_taken(tmp_path, tiny_model_dir, data_dir, monkeypatch, capsys):
+    """Retraining into the adapter's folder (finetune.py --overwrite) or re-exporting a merged model into the base
+    model's folder changes the weights under the same paths: the earlier predictions are not this model's."""
+    from safetensors.torch import load_file, save_file
+
+    base = str(tmp_path / "base")
+    shutil.copytree(tiny_model_dir("llama"), base)
+    adapter = make_checkpoint(base, str(tmp_path / "adapter"))
+    out = str(tmp_path / "out")
+    args = ["--lora_weights", adapter, "--dataset", "SVAMP", "--data_dir", data_dir, "--max_examples", "2",
+            "--output_dir", out, "--max_new_tokens", "12", "--batch_size", "4"]
+    run(tmp_path, lora_weights=adapter, dataset="SVAMP", data_dir=data_dir, max_examples=2)
+    weights = os.path.join(adapter, "adapter_model.safetensors")
+    trained = open(weights, "rb").read()
+    save_file({name: 2 * t for name, t in load_file(weights).items()}, weights)  # "retrained"
+    assert "(lora_weights_sha256 differ)" in cli(monkeypatch, capsys, *args)
+    with open(weights, "wb") as f:  # the same bytes written again: the same adapter
+        f.write(trained)
+    weights = next(os.path.join(base, f) for f in os.listdir(base) if f.endswith(".safetensors"))
+    save_file(load_file(weights), weights)  # "re-exported"
+    assert "(base_model_files differ)" in cli(monkeypatch, capsys, *args)
 
 
 def test_dtype_is_chosen_recorded_and_not_mixed_in(tmp_path, checkpoint, data_dir, monkeypatch, capsys):
