@@ -167,6 +167,10 @@ def train(
         save_total_limit=save_total_limit, group_by_length=group_by_length, packing=packing,
         checkpointing=use_gradient_checkpointing, seed=seed, report=report, resume_dir=resume.checkpoint,
     )
+    if resume.checkpoint and (step := training.resumed_at_the_end(trainer, resume.checkpoint, output_dir)):
+        print(f"{output_dir} holds a finished run at step {step}, all the steps these flags plan: nothing to train "
+              "(a larger --max_steps or --num_epochs continues it)")
+        return
     if resume.replaces and trainer.is_world_process_zero():  # now that every check has passed
         training.discard_earlier_run(output_dir)
     result = trainer.train(resume_from_checkpoint=resume.checkpoint)

@@ -1,5 +1,6 @@
 """What finetune.py needs around the HF Trainer: checks, resume, logging, the run record, saving."""
 import importlib.metadata
+import json
 import netrc
 import os
 import platform
@@ -196,6 +197,18 @@ def warm_start(model, adapter_dir: str):
     """Continue training a finished adapter: its config and weights, fresh optimizer and schedule."""
     print(f"warm start from {adapter_dir} (its adapter_config.json sets the method and its settings)")
     return load_adapter(model, adapter_dir, is_trainable=True)
+
+
+def resumed_at_the_end(trainer, checkpoint: str, output_dir: str) -> int | None:
+    """The step of a resumed checkpoint-N/ when it ends a finished run in `output_dir` (its run.json written) and
+    this run plans no more steps than that: the Trainer would still take one more step, and save it over the
+    finished adapter."""
+    if not os.path.isfile(os.path.join(output_dir, RUN_RECORD)):
+        return None
+    with open(os.path.join(checkpoint, TRAINER_STATE)) as f:
+        done = json.load(f)["global_step"]
+    planned = trainer.set_initial_training_values(trainer.args, trainer.get_train_dataloader())[-1]
+    return done if done >= planned else None
 
 
 class ThroughputMeter(TrainerCallback):

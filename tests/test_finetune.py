@@ -194,6 +194,20 @@ def test_overwrite_leaves_nothing_of_the_replaced_run_to_resume(tiny_model_dir, 
     assert json.loads((out / "run.json").read_text())["steps"] == 2
 
 
+def test_resuming_a_finished_run_trains_only_steps_it_lacks(tiny_model_dir, data_file, tmp_path, capsys):
+    """The Trainer, resumed at its last step, would take one step more and save it over the finished adapter."""
+    base, out = tiny_model_dir("llama"), tmp_path / "run"
+    finetune.train(**quick_args(base, data_file, out, max_steps=4, save_step=2))
+    files = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    capsys.readouterr()
+    finetune.train(**quick_args(base, data_file, out, max_steps=4, save_step=2, resume_from_checkpoint="latest"))
+    assert "holds a finished run at step 4, all the steps these flags plan: nothing to train" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == files
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    finetune.train(**quick_args(base, data_file, out, max_steps=6, save_step=2, resume_from_checkpoint="latest"))
+    assert json.loads((out / "run.json").read_text())["steps"] == 6  # a longer plan continues it
+
+
 def test_warm_start_from_finished_adapter(tiny_model_dir, data_file, tmp_path, captured):
     base = tiny_model_dir("gpt2")
     finetune.train(**quick_args(base, data_file, tmp_path / "first", max_steps=10))
