@@ -165,7 +165,7 @@ def train(
         num_epochs=num_epochs, max_steps=max_steps, learning_rate=learning_rate,
         warmup_steps=warmup_steps, eval_step=eval_step, save_step=save_step,
         save_total_limit=save_total_limit, group_by_length=group_by_length, packing=packing,
-        checkpointing=use_gradient_checkpointing, seed=seed, report=report, resume_dir=resume.checkpoint,
+        checkpointing=use_gradient_checkpointing, seed=seed, report=report, resume_dir=resume.checkpoint, started=started,
     )
     if resume.checkpoint and (step := training.resumed_at_the_end(trainer, resume.checkpoint, output_dir)):
         print(f"{output_dir} holds a finished run at step {step}, all the steps these flags plan: nothing to train "
@@ -177,7 +177,7 @@ def train(
 
     # Save the adapter, tokenizer, template and run record, each file written atomically.
     if trainer.is_world_process_zero():
-        record = training.run_record(args, trainer, result, trainable, total, started, len(train_set))
+        record = training.run_record(args, trainer, result, trainable, total, len(train_set))
         training.save_final(model, tokenizer, prompter, record, output_dir)
         print(f"saved the {adapters.resolve(adapter_name, {})[0]} adapter to {output_dir}")
     end_process_group()  # under torchrun, after rank 0's save

@@ -211,17 +211,36 @@ def resumed_at_the_end(trainer, checkpoint: str, output_dir: str) -> int | None:
     return done if done >= planned else None
 
 
-class ThroughputMeter(TrainerCallback):
-    """Tokens and steps of this process's share of training, for tokens/s that survive a resume."""
+class RunClock(TrainerCallback):
+    """The run's seconds (training, wall, CPU) across resumes: each checkpoint-N/ keeps the totals up to its step
+    (FILE), and a run resumed from it counts on from them, so that run.json times the whole run."""
+
+    FILE = "run_clock.json"
+
+    def __init__(self, resume_dir: str | None, started: float):
+        self.resume_dir, self.started = resume_dir, started  # started: time.time() when the script began
+        self.before = {"train_seconds": 0.0, "wall_seconds": 0.0, "cpu_seconds": 0.0}
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.start = (time.perf_counter(), state.num_input_tokens_seen, state.global_step)
+        path = os.path.join(self.resume_dir or "", self.FILE)
+        if self.resume_dir and os.path.isfile(path):
+            with open(path) as f:
+                self.before = json.load(f)
+        self.train_start, self.resumed_at = time.perf_counter(), state.global_step
+
+    def totals(self, training: bool = True) -> dict:
+        """The seconds so far; `training`: the clock of training itself still runs (it stops at the end)."""
+        train = (time.perf_counter() if training else self.train_end) - self.train_start
+        return {"train_seconds": self.before["train_seconds"] + train,
+                "wall_seconds": self.before["wall_seconds"] + time.time() - self.started,
+                "cpu_seconds": self.before["cpu_seconds"] + _cpu_seconds()}
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            write_json_atomic(os.path.join(args.output_dir, f"checkpoint-{state.global_step}", self.FILE), self.totals())
 
     def on_train_end(self, args, state, control, **kwargs):
-        seconds = time.perf_counter() - self.start[0]
-        self.seconds = seconds
-        self.tokens_per_second = (state.num_input_tokens_seen - self.start[1]) / max(seconds, 1e-9)
-        self.steps_per_second = (state.global_step - self.start[2]) / max(seconds, 1e-9)
+        self.train_end = time.perf_counter()
 
 
 class TrainableState(TrainerCallback):
@@ -297,9 +316,10 @@ def make_trainer(
     model, tokenizer, train_set, val_set, *, output_dir, micro_batch_size, accumulation, num_epochs,
     max_steps, learning_rate, warmup_steps, eval_step, save_step, save_total_limit, group_by_length,
     checkpointing, seed, report: Reporting, resume_dir: str | None = None, packing: bool = True,
+    started: float | None = None,
 ) -> Trainer:
     """The Trainer finetune.py trains with; `packing` packs each micro batch into one row where the model allows
-    and it saves time (on a CPU)."""
+    and it saves time (on a CPU). `started`: when the script began (time.time()), for the run's wall time."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     dtype = precision()
     args = TrainingArguments(
@@ -351,7 +371,7 @@ def make_trainer(
         data_collator=collator,
         packed_collator=packing_module.PackingCollator() if packs else None,
         processing_class=tokenizer,
-        callbacks=[ThroughputMeter(), TrainableState(model, resume_dir)],
+        callbacks=[RunClock(resume_dir, started or time.time()), TrainableState(model, resume_dir)],
     )
 
 
@@ -372,10 +392,12 @@ def _versions() -> dict:
     return found
 
 
-def run_record(args: dict, trainer: Trainer, result, trainable: int, total: int, started: float, n_train: int) -> dict:
-    """Everything a later reader (sweep tables, a reviewer) needs to know about this run."""
+def run_record(args: dict, trainer: Trainer, result, trainable: int, total: int, n_train: int) -> dict:
+    """Everything a later reader (sweep tables, a reviewer) needs to know about this run, all of it and not only
+    what followed a resume."""
     state = trainer.state
-    meter = next(c for c in trainer.callback_handler.callbacks if isinstance(c, ThroughputMeter))
+    clock = next(c for c in trainer.callback_handler.callbacks if isinstance(c, RunClock))
+    seconds = clock.totals(training=False)
     train_losses = [[log["step"], log["loss"]] for log in state.log_history if "loss" in log]
     val_losses = [[log["step"], log["eval_loss"]] for log in state.log_history if "eval_loss" in log]
     memory, memory_kind = peak_memory()
@@ -396,19 +418,33 @@ def run_record(args: dict, trainer: Trainer, result, trainable: int, total: int,
         "steps": state.global_step,
         "epochs": state.epoch,
         "tokens_seen": state.num_input_tokens_seen,
-        "wall_seconds": time.time() - started,
-        "cpu_seconds": _cpu_seconds(),  # unlike wall time, not stretched by other jobs on a shared machine
-        "train_seconds": meter.seconds,
-        "tokens_per_second": meter.tokens_per_second,
-        "steps_per_second": meter.steps_per_second,
+        "wall_seconds": seconds["wall_seconds"],
+        "cpu_seconds": seconds["cpu_seconds"],  # unlike wall time, not stretched by other jobs on a shared machine
+        "train_seconds": seconds["train_seconds"],
+        "tokens_per_second": state.num_input_tokens_seen / max(seconds["train_seconds"], 1e-9),
+        "steps_per_second": state.global_step / max(seconds["train_seconds"], 1e-9),
+        "resumed_at_step": clock.resumed_at or None,
         "peak_memory_bytes": memory,
         "peak_memory_kind": memory_kind,
-        "train_loss_mean": result.training_loss,
+        "train_loss_mean": mean_train_loss(state.log_history, result.training_loss, clock.resumed_at, state.global_step),
         "final_train_loss": train_losses[-1][1] if train_losses else None,
         "final_val_loss": val_losses[-1][1] if val_losses else None,
         "loss_history": train_losses,
         "val_loss_history": val_losses,
     }
+
+
+def mean_train_loss(log_history: list[dict], this_call: float, resumed_at: int, steps: int) -> float:
+    """The mean loss of all the run's steps. The Trainer's covers the steps of this call only; those before a resume
+    come from the logged losses, each the mean over the steps since the log before it (steps after the last log
+    before the resume were not logged, and are left out)."""
+    if not resumed_at:
+        return this_call
+    total, known, last = 0.0, 0, 0
+    for log in log_history:
+        if "loss" in log and log["step"] <= resumed_at:
+            total, known, last = total + log["loss"] * (log["step"] - last), known + log["step"] - last, log["step"]
+    return (total + this_call * (steps - resumed_at)) / max(known + steps - resumed_at, 1)
 
 
 def _cpu_seconds() -> float:

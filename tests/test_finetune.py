@@ -152,6 +152,13 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(method, tiny_model_dir
     assert straight.keys() == resumed.keys()
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], rtol=1e-5, atol=1e-6)
+    # run.json describes the whole run, not only what followed the resume
+    straight, resumed = (json.loads((tmp_path / run / "run.json").read_text()) for run in ("straight", "crashed"))
+    assert (resumed["steps"], resumed["resumed_at_step"], straight["resumed_at_step"]) == (20, 10, None)
+    assert resumed["train_loss_mean"] == pytest.approx(straight["train_loss_mean"], rel=1e-4)
+    assert [step for step, _ in resumed["loss_history"]] == [step for step, _ in straight["loss_history"]] == [1, 10, 20]
+    before = json.loads((tmp_path / "crashed" / "checkpoint-10" / "run_clock.json").read_text())
+    assert resumed["train_seconds"] > before["train_seconds"] > 0 and resumed["wall_seconds"] > before["wall_seconds"]
 
 
 # Families without dropout in the base model: dropout masks are drawn per batch shape, so packed and padded
