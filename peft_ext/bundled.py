@@ -34,8 +34,10 @@ def finetune_defaults(args: dict) -> dict:
     for name, value in (TINY_RECIPE if bundled else SEED_RECIPE).items():
         if filled[name] is None:
             filled[name] = value
-    if args["micro_batch_size"] is None and isinstance(args["batch_size"], int):  # never more than a batch holds
-        filled["micro_batch_size"] = min(filled["micro_batch_size"], filled["batch_size"])
+    if args["micro_batch_size"] is None and isinstance(args["batch_size"], int):
+        # never more than each process's share of a batch (under torchrun, WORLD_SIZE processes share it)
+        share = max(1, filled["batch_size"] // int(os.environ.get("WORLD_SIZE", 1)))
+        filled["micro_batch_size"] = min(filled["micro_batch_size"], share)
     defaulted = [f"--{name} {filled[name]}" for name in ("base_model", "data_path") if not args[name]]
     if defaulted:
         print(f"using the bundled offline default: {', '.join(defaulted)}")

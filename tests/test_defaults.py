@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from peft_ext import bundled
+from peft_ext import bundled, training
 from peft_ext.checkpoint import resolve_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,9 +31,12 @@ def test_a_base_model_keeps_the_seed_recipe_and_explicit_flags_win():
     assert bundled.finetune_defaults({**FLAGS, "train_on_inputs": True})["train_on_inputs"] is True
 
 
-def test_default_micro_batch_never_exceeds_the_batch():
+def test_default_micro_batch_never_exceeds_the_batch(monkeypatch):
     assert bundled.finetune_defaults({**FLAGS, "batch_size": 8})["micro_batch_size"] == 8
     assert bundled.finetune_defaults({**FLAGS, "batch_size": 8, "micro_batch_size": 16})["micro_batch_size"] == 16
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun, each process's share of the batch
+    filled = bundled.finetune_defaults(FLAGS)
+    assert filled["micro_batch_size"] == 8 and training.accumulation_steps(filled["batch_size"], 8, 2) == 1
 
 
 def test_no_model_at_all_means_the_bundled_base_model():
