@@ -106,7 +106,7 @@ def train(
         group_by_length: draw each step's examples from a similar length (without it, a step's random examples are still cut into length-sorted micro batches).
         packing: on a CPU, put each micro batch's examples in one row without padding, attention kept within each example (the same loss and gradients; LoRA, DoRA, (IA)3 and bottleneck adapters on llama, mistral, qwen2, opt, gpt2 and gpt_neox; other cases, and GPUs, where it is slower, use padded batches).
         use_gradient_checkpointing: recompute activations in backward to save memory.
-        resume_from_checkpoint: a checkpoint-N/ folder (full resume), 'latest' (newest in output_dir), or a finished adapter folder (warm start).
+        resume_from_checkpoint: a checkpoint-N/ folder (full resume), 'latest' (newest in output_dir; from the start when none is saved yet), or a finished adapter folder (warm start).
         overwrite: allow writing into an output_dir that already holds a run.
         seed: random seed of the split, the shuffling and the adapter init.
         report_to: logging backend when wandb is not used: none or tensorboard.

@@ -95,9 +95,15 @@ def resume_plan(resume_from_checkpoint, output_dir: str, overwrite: bool) -> Res
         return ResumePlan(replaces=bool(has_run))
     if resume_from_checkpoint is True or str(resume_from_checkpoint).lower() in ("latest", "last", "true"):
         last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-        if last is None:
-            raise UsageError(f"--resume_from_checkpoint latest: {output_dir!r} holds no checkpoint-N folder")
-        return ResumePlan(checkpoint=last)
+        if last:
+            return ResumePlan(checkpoint=last)
+        if os.path.exists(os.path.join(output_dir, RUN_RECORD)):
+            raise UsageError(f"--resume_from_checkpoint latest: {output_dir!r} holds a finished run and no checkpoint-N "
+                             "folder to continue from; replace it with --overwrite, or pick another --output_dir")
+        # Nothing saved yet (stopped before the first --save_step): the same command works from the start, so a
+        # job that always passes `latest` (a preemptible one, say) needs no other command for its first run.
+        print(f"no checkpoint-N folder in {output_dir!r} yet: training from the start")
+        return ResumePlan()
     path = str(resume_from_checkpoint)
     if os.path.isfile(os.path.join(path, TRAINER_STATE)):
         return ResumePlan(checkpoint=path)

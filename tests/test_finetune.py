@@ -2,6 +2,7 @@
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -213,6 +214,19 @@ def test_resuming_a_finished_run_trains_only_steps_it_lacks(tiny_model_dir, data
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     finetune.train(**quick_args(base, data_file, out, max_steps=6, save_step=2, resume_from_checkpoint="latest"))
     assert json.loads((out / "run.json").read_text())["steps"] == 6  # a longer plan continues it
+
+
+def test_latest_with_nothing_saved_yet_trains_from_the_start(tiny_model_dir, data_file, tmp_path, capsys):
+    """Ctrl-C before the first --save_step suggests `--resume_from_checkpoint latest`, which must then work; a
+    finished run with no checkpoint-N left is refused instead of retrained."""
+    base, out = tiny_model_dir("llama"), tmp_path / "run"
+    finetune.train(**quick_args(base, data_file, out, max_steps=2, save_step=5, resume_from_checkpoint="latest"))
+    assert f"no checkpoint-N folder in {str(out)!r} yet: training from the start" in capsys.readouterr().out
+    assert json.loads((out / "run.json").read_text())["steps"] == 2
+    for folder in out.glob("checkpoint-*"):  # the final one, saved at the end of training
+        shutil.rmtree(folder)
+    with pytest.raises(UsageError, match="holds a finished run and no checkpoint-N folder to continue from"):
+        finetune.train(**quick_args(base, data_file, out, max_steps=2, save_step=5, resume_from_checkpoint="latest"))
 
 
 def test_warm_start_from_finished_adapter(tiny_model_dir, data_file, tmp_path, captured):
