@@ -13,7 +13,7 @@ import time
 import transformers  # not `from transformers import set_seed`: that loads bitsandbytes before peft_ext quiets it
 
 from peft_ext import adapters, bundled, training
-from peft_ext.data import load_data, split_validation, tokenize
+from peft_ext.data import load_data, training_sets
 from peft_ext.distributed import end_process_group
 from peft_ext.errors import UsageError, run_cli
 from peft_ext.modeling import adopt_pad_token, load_base_model, load_config, load_tokenizer, parameter_counts
@@ -83,7 +83,7 @@ def train(
         learning_rate: peak learning rate of AdamW, linear decay after warmup (default 3e-4; tiny 1e-3).
         warmup_steps: linear warmup steps.
         cutoff_len: maximum tokens per example; longer ones are truncated.
-        val_set_size: validation records held out: a count, or a fraction in (0, 1); 0 for none.
+        val_set_size: validation records held out (blocks of cutoff_len tokens for a .txt file): a count, or a fraction in (0, 1); 0 for none.
         eval_step: evaluate every N steps (when there is a validation set).
         save_step: save a resumable checkpoint-N/ every N steps.
         save_total_limit: keep at most this many checkpoint-N/ folders (0: keep them all).
@@ -136,15 +136,13 @@ def train(
         if resume.checkpoint:  # its adapter must be the one these flags make
             training.check_resumable(resume.checkpoint, peft_config)
     train_data, _ = load_data(data_path)
-    train_data, val_data = split_validation(train_data, val_set_size, seed)
     training.check_schedule(num_epochs, max_steps, learning_rate, warmup_steps, eval_step, save_step,
-                            has_validation=val_data is not None)
+                            has_validation=bool(val_set_size))
     report = training.reporting(report_to, wandb_project, wandb_run_name, wandb_watch, wandb_log_model)
 
     # Load the tokenizer and data, then the model, then wrap it in the adapter.
     tokenizer = load_tokenizer(base_model, trust_remote_code)
-    train_set = tokenize(train_data, tokenizer, prompter, cutoff_len, train_on_inputs)
-    val_set = tokenize(val_data, tokenizer, prompter, cutoff_len, train_on_inputs) if val_data else None
+    train_set, val_set = training_sets(train_data, val_set_size, seed, tokenizer, prompter, cutoff_len, train_on_inputs)
     if len(train_set) == 0:
         raise UsageError("no training example has a token to learn from; raise --cutoff_len")
     model = load_base_model(base_model, load_8bit, load_4bit, trust_remote_code=trust_remote_code)

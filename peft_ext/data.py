@@ -106,8 +106,9 @@ def split_validation(data: Dataset, val_set_size, seed: int) -> tuple[Dataset, D
     else:
         size = int(val_set_size)
     if size >= len(data):
+        unit = "blocks of --cutoff_len tokens" if "input_ids" in data.column_names else "records"
         raise UsageError(
-            f"--val_set_size {val_set_size} leaves no training data ({len(data)} records); use a smaller one"
+            f"--val_set_size {val_set_size} leaves no training data ({len(data)} {unit}); use a smaller one, or 0"
         )
     parts = data.train_test_split(test_size=size, shuffle=True, seed=seed)
     return parts["train"], parts["test"]
@@ -158,8 +159,19 @@ def chunk_text(tokenizer, text: str, cutoff_len: int) -> list[dict]:
     return [{"input_ids": b, "attention_mask": [1] * len(b), "labels": list(b)} for b in blocks if len(b) > 1]
 
 
+def training_sets(data: Dataset, val_set_size, seed: int, tokenizer, prompter: Prompter, cutoff_len: int,
+                  train_on_inputs: bool) -> tuple[Dataset, Dataset | None]:
+    """(train, validation or None) as model inputs. Records are held out before they are tokenized; raw text,
+    which is one record, as whole blocks of `cutoff_len` tokens once it is cut into them."""
+    if "text" in data.column_names:
+        return split_validation(tokenize(data, tokenizer, prompter, cutoff_len, train_on_inputs), val_set_size, seed)
+    train, val = split_validation(data, val_set_size, seed)
+    return (tokenize(train, tokenizer, prompter, cutoff_len, train_on_inputs),
+            tokenize(val, tokenizer, prompter, cutoff_len, train_on_inputs) if val is not None else None)
+
+
 def tokenize(data: Dataset, tokenizer, prompter: Prompter, cutoff_len: int, train_on_inputs: bool) -> Dataset:
-    """The dataset as model inputs; examples left with no trainable token are dropped."""
+    """The dataset as model inputs; examples left with no trainable token are dropped, with a note."""
     if "text" in data.column_names:
         rows = [block for text in data["text"] for block in chunk_text(tokenizer, text, cutoff_len)]
         return Dataset.from_list(rows)
@@ -168,4 +180,8 @@ def tokenize(data: Dataset, tokenizer, prompter: Prompter, cutoff_len: int, trai
         remove_columns=data.column_names,
         desc="tokenizing",
     )
-    return encoded.filter(lambda r: any(label != IGNORE_INDEX for label in r["labels"]), desc="dropping empty")
+    kept = encoded.filter(lambda r: any(label != IGNORE_INDEX for label in r["labels"]), desc="dropping empty")
+    if len(kept) < len(encoded):
+        print(f"note: {len(encoded) - len(kept)} of {len(encoded)} examples are left out: their prompt fills "
+              f"--cutoff_len {cutoff_len}, leaving no response token to learn from; a larger --cutoff_len keeps them")
+    return kept

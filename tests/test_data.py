@@ -5,7 +5,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from peft_ext.adapters import parse_list
-from peft_ext.data import IGNORE_INDEX, encode, load_data, split_validation, tokenize
+from peft_ext.data import IGNORE_INDEX, encode, load_data, split_validation, tokenize, training_sets
 from peft_ext.errors import UsageError
 from peft_ext.prompts import Prompter, available_templates
 
@@ -135,6 +135,27 @@ def test_raw_text_is_chunked_to_cutoff(tmp_path, tokenizer):
     assert blocks[0]["labels"] == blocks[0]["input_ids"]
     all_ids = [t for b in blocks["input_ids"] for t in b]
     assert all_ids == tokenizer(data[0]["text"])["input_ids"] + [tokenizer.eos_token_id]
+
+
+def test_raw_text_holds_out_whole_blocks(tmp_path, tokenizer):
+    """A .txt file is one record: its validation set is made of its blocks, so the default size works on it."""
+    (tmp_path / "t.txt").write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    data, _ = load_data(str(tmp_path / "t.txt"))
+    blocks = tokenize(data, tokenizer, Prompter.load("alpaca"), cutoff_len=32, train_on_inputs=False)
+    train, val = training_sets(data, 0.25, 1, tokenizer, Prompter.load("alpaca"), 32, False)
+    assert len(val) == round(len(blocks) / 4) and len(train) + len(val) == len(blocks) > 4
+    assert sorted(map(tuple, list(train["input_ids"]) + list(val["input_ids"]))) == sorted(map(tuple, blocks["input_ids"]))
+    with pytest.raises(UsageError, match=f"--val_set_size 120 leaves no training data \\({len(blocks)} blocks of --cutoff_len tokens\\)"):
+        training_sets(data, 120, 1, tokenizer, Prompter.load("alpaca"), 32, False)
+
+
+def test_examples_without_a_token_to_learn_are_left_out_with_a_note(tokenizer, capsys):
+    from datasets import Dataset
+
+    records = [{"instruction": "word " * 200, "output": "long prompt"}, {"instruction": "2+2?", "output": "4"}]
+    kept = tokenize(Dataset.from_list(records), tokenizer, Prompter.load("alpaca"), 128, False)
+    assert len(kept) == 1
+    assert "note: 1 of 2 examples are left out: their prompt fills --cutoff_len 128" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(("size", "expected"), [(0, 0), (3, 3), (0.25, 5), (0.5, 10)])
