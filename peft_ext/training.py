@@ -83,6 +83,10 @@ def resume_plan(resume_from_checkpoint, output_dir: str, overwrite: bool) -> Res
     """Decide how this run starts, refusing to silently train over an earlier run's files."""
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise UsageError(f"--output_dir {output_dir!r} is a file; give a directory path")
+    if os.path.isfile(os.path.join(output_dir, TRAINER_STATE)):  # a run's checkpoint-N/ would mix two runs' files
+        parent = os.path.dirname(os.path.normpath(output_dir)) or "."
+        raise UsageError(f"--output_dir {output_dir!r} is a checkpoint of a run; to continue that run pass "
+                         f"--output_dir {parent!r} --resume_from_checkpoint {output_dir!r}, or pick another --output_dir")
     if resume_from_checkpoint in (None, False, ""):
         has_run = os.path.isdir(output_dir) and (
             os.path.exists(os.path.join(output_dir, RUN_RECORD)) or get_last_checkpoint(output_dir)

@@ -28,6 +28,8 @@ def files(tmp_path_factory, tiny_model_dir):
     (d / "numeric_output.json").write_text(json.dumps([{"instruction": "2+3?", "output": 5}]))
     (d / "bad_turns.json").write_text(json.dumps([{"conversations": "hello"}]))
     (d / "list_input.json").write_text(json.dumps([{"instruction": "Sum these", "input": [1, 2], "output": "3"}]))
+    (d / "run" / "checkpoint-4").mkdir(parents=True)
+    (d / "run" / "checkpoint-4" / "trainer_state.json").write_text("{}")
     return {"dir": d, "model": tiny_model_dir("llama")}
 
 
@@ -61,6 +63,7 @@ CASES = {
     "val set too big": ({"val_set_size": 4}, "leaves no training data"),
     "8 and 4 bit": ({"load_8bit": True, "load_4bit": True}, "exclude each other"),
     "resume from nothing": ({"resume_from_checkpoint": "{dir}"}, "neither a checkpoint-N folder nor an adapter folder"),
+    "output into a checkpoint": ({"output_dir": "{dir}/run/checkpoint-4"}, "is a checkpoint of a run; to continue that run pass"),
 }
 
 
