@@ -15,6 +15,7 @@ The decoding flags set the page's starting values and plain mode's decoding.
 import json
 import os
 import socket
+import time
 
 import transformers  # not `from transformers import set_seed`: that loads bitsandbytes before peft_ext quiets it
 
@@ -113,8 +114,21 @@ def main(
         return
     if (server_name != "127.0.0.1" or share_gradio) and not login:
         print("warning: no --auth, and other machines can reach the page: anyone who does can use the model")
-    app = build_app(model, tokenizer, checkpoint, knobs)
-    app.queue().launch(server_name=server_name, server_port=server_port, share=share_gradio, auth=login)
+    serve(build_app(model, tokenizer, checkpoint, knobs).queue(),
+          server_name=server_name, server_port=server_port, share=share_gradio, auth=login)
+
+
+def serve(app, **launch) -> None:
+    """Serve the page until Ctrl-C, which run_cli ends with one line and the shell's status 130 (gradio's own
+    wait would print its message and exit 0)."""
+    app.launch(prevent_thread_lock=True, quiet=True, **launch)
+    public = f" and at {app.share_url}" if app.share_url else ""
+    print(f"serving the demo at {app.local_url}{public}; Ctrl-C stops it", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        app.close()
 
 
 def _check_port(host: str, port: int) -> None:
@@ -143,4 +157,4 @@ def _read_instructions(path: str) -> list[str]:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, interrupted="the demo is stopped; every response printed is complete")

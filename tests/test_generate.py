@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import os
+import signal
 import shutil
 import socket
 import subprocess
@@ -101,7 +102,7 @@ def test_bad_input_gives_one_clear_error(llama, llama_lora, tmp_path):
 
 def test_page_is_local_only_unless_asked(llama_lora, monkeypatch):
     launched, probed = [], []
-    monkeypatch.setattr("gradio.Blocks.launch", lambda self, **kwargs: launched.append(kwargs))
+    monkeypatch.setattr(generate, "serve", lambda app, **kwargs: launched.append(kwargs))
     monkeypatch.setattr(generate, "_check_port", lambda host, port: probed.append((host, port)))
     generate.main(lora_weights=llama_lora)
     generate.main(lora_weights=llama_lora, server_name="0.0.0.0", server_port=9000, share_gradio=True,
@@ -203,6 +204,25 @@ def server(endless_lora, tmp_path_factory):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_ctrl_c_stops_the_server_with_one_line(endless_lora):
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "generate.py", "--lora_weights", endless_lora, "--server_port", str(port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                               env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+    try:
+        ready = process.stdout.readline()
+        while ready and not ready.startswith("serving the demo"):
+            ready = process.stdout.readline()
+        assert ready == f"serving the demo at http://127.0.0.1:{port}/; Ctrl-C stops it\n"
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130 and "share=True" not in out + err
+    assert err.rstrip("\n").splitlines()[-1] == "interrupted: the demo is stopped; every response printed is complete"
 
 
 @pytest.fixture
