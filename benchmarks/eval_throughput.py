@@ -42,6 +42,8 @@ from peft_ext.generation import cut_at_stops  # noqa: E402
 from peft_ext.modeling import parse_dtype  # noqa: E402
 
 RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
+SVAMP = (os.path.join(ROOT, "..", "shared", "data", "eval", "SVAMP", "test.json"),  # beside a checkout, as in CI
+         os.path.join(bundled.DATA_DIR, "SVAMP", "test.json"))  # where data/README.md fetches it
 BENCH_ADAPTER = os.path.join(ROOT, "trained_models", "eval-bench-lora")
 # finetune.py's offline default recipe (models/tiny-math/README.md), spelled out so that this adapter
 # stays the same whatever finetune.py's defaults become; no validation set: it only costs time here.
@@ -87,18 +89,22 @@ def evaluate_path(model, tokenizer, prompter, task, budget: int, batch_size: int
             return [json.loads(line)["response"] for line in f]
 
 
-def main(base_model: str = "", lora_weights: str = "",
-         data_path: str = os.path.join(ROOT, "..", "shared", "data", "eval", "SVAMP", "test.json"),
-         examples: int = 64, max_new_tokens: int = 0, threads: int = 1, dtype: str = "float32"):
+def main(base_model: str = "", lora_weights: str = "", data_path: str = "",
+         examples: int = 64, max_new_tokens: int = 0, threads: int = 1, dtype: str = "float32",
+         output: str = os.path.join(RESULTS_DIR, "eval_throughput")):
     """Measure on --lora_weights (default: tiny-math's LoRA, trained first if absent) or --base_model alone,
     in --dtype: float32 by default, where batched greedy output equals one at a time (in bfloat16 a few percent
-    of responses change with the batch size, which the "outputs equal" column then shows)."""
+    of responses change with the batch size, which the "outputs equal" column then shows). --data_path
+    defaults to SVAMP's test.json in ../shared/data/eval/ or else in data/ (data/README.md says how to fetch
+    it); the table goes to OUTPUT.md and OUTPUT.json."""
+    data_path = data_path or next((path for path in SVAMP if os.path.isfile(path)), SVAMP[-1])
     torch.set_num_threads(threads)
     # The tokenizer's thread pool (batch encoding and decoding) would add its threads' CPU time, which swings
     # with the machine's load, to a measurement made on `threads` torch threads.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not os.path.isfile(data_path):
-        raise UsageError(f"{data_path} does not exist; data/README.md says how to fetch SVAMP, or pass --data_path")
+        raise UsageError(f"{data_path} does not exist; data/README.md says how to fetch SVAMP into data/SVAMP/, "
+                         "or pass --data_path")
     adapter_dir = lora_weights or ("" if base_model else bench_adapter())
     checkpoint = resolve_checkpoint(base_model, adapter_dir)
     model, tokenizer = load_for_inference(checkpoint, dtype=parse_dtype(dtype))
@@ -143,7 +149,7 @@ def main(base_model: str = "", lora_weights: str = "",
                   f"on a {os.cpu_count()}-core {platform.machine()} machine "
                   f"(load average {os.getloadavg()[0]:.1f} at the end); torch {torch.__version__}, "
                   f"transformers {transformers.__version__}")
-    write_table(runs, conditions)
+    write_table(runs, conditions, output)
 
 
 @dataclass
@@ -187,8 +193,8 @@ def mergeable(adapter_dir: str) -> bool:
         return False
 
 
-def write_table(runs: list[Run], conditions: str) -> None:
-    """Print the table and write it, with the run's conditions, to results/eval_throughput.{md,json}."""
+def write_table(runs: list[Run], conditions: str, output: str) -> None:
+    """Print the table and write it, with the run's conditions, to OUTPUT.md and OUTPUT.json."""
     # Ratios of the work each path costs: CPU time on a CPU, whose wall time other jobs may stretch;
     # wall time on a GPU, where the CPU time is mostly waiting.
     basis = "wall" if torch.cuda.is_available() else "CPU time"
@@ -218,10 +224,10 @@ def write_table(runs: list[Run], conditions: str) -> None:
                     f"{n / run.wall:.2f} | {over} | {record['outputs_equal']} |")
     table = "\n".join(rows) + f"\n\n{conditions}\n"
     print(table)
-    os.makedirs(RESULTS_DIR, exist_ok=True)
-    with open(os.path.join(RESULTS_DIR, "eval_throughput.md"), "w") as f:
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with open(output + ".md", "w") as f:
         f.write(table)
-    with open(os.path.join(RESULTS_DIR, "eval_throughput.json"), "w") as f:
+    with open(output + ".json", "w") as f:
         json.dump({"conditions": conditions, "ratio_basis": basis, "runs": records}, f, indent=2)
 
 

@@ -25,6 +25,7 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import peft_ext  # noqa: E402,F401  (first: it quiets what bitsandbytes says when transformers imports it)
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments, set_seed  # noqa: E402
@@ -234,6 +235,9 @@ def main():
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results", "train_throughput"))
     args = parser.parse_args()
+    if not os.path.isfile(args.data_path):  # argparse's one line and exit status 2, as the scripts give
+        parser.error(f"--data_path {args.data_path} does not exist; pass the path of LLM-Adapters' math_data.json "
+                     "(../shared/data/train/ beside a checkout) or another training file")
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
 

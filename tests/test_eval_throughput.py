@@ -11,10 +11,10 @@ spec.loader.exec_module(eval_throughput)
 
 
 def test_table_counts_each_paths_forward_calls(tiny_model_dir, shared_data, tmp_path, monkeypatch):
-    monkeypatch.setattr(eval_throughput, "RESULTS_DIR", str(tmp_path))
     examples, budget = 5, 6
     eval_throughput.main(base_model=tiny_model_dir("llama"), examples=examples, max_new_tokens=budget,
-                         data_path=os.path.join(shared_data, "eval", "SVAMP", "test.json"))
+                         data_path=os.path.join(shared_data, "eval", "SVAMP", "test.json"),
+                         output=str(tmp_path / "eval_throughput"))
     with open(tmp_path / "eval_throughput.json") as f:
         reference, loop, one, batch16, batch64, beams = json.load(f)["runs"]  # no adapter: no merged rows
     assert (reference["num_beams"], loop["path"], beams["num_beams"]) == (4, "(b) greedy loop with cache", 4)
