@@ -1,8 +1,9 @@
 """Scoring a model on benchmark sets, batched and resumable.
 
 Per set, a folder OUTPUT/DATASET holds:
-- `settings.json`: what made the predictions (model, adapter, template, decoding, data file hash); a
-  re-run with other settings is refused rather than mixed in;
+- `settings.json`: what made the predictions (model and adapter with a fingerprint of their weights,
+  template, decoding, data file hash); a re-run with other settings, or after the weights under the same
+  paths changed, is refused rather than mixed in;
 - `predictions.jsonl`: one line per example (index, prompt, response, prediction, label, correct),
   appended and flushed as each example finishes, so an interrupted run resumes where it stopped; under
   torchrun each rank appends to `predictions.rankN.jsonl`, merged into predictions.jsonl at the end;
