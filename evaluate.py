@@ -12,7 +12,6 @@ from peft_ext.checkpoint import adapter_dir_flag, load_for_inference, resolve_ch
 from peft_ext.errors import UsageError, run_cli
 from peft_ext.evaluation import (
     METRICS,
-    PREDICTIONS,
     Evaluation,
     Ranks,
     append_result,
@@ -117,6 +116,11 @@ def main(
     ranks.barrier()
     metrics = {task.benchmark.name: run.finished(task) for task in tasks}
     pending = [task for task in tasks if metrics[task.benchmark.name] is None]
+    ranks.barrier()  # every rank has read the predictions before rank 0 writes the sets scored from them
+    if ranks.main:
+        for task in tasks:
+            if "scored_from" in (metrics[task.benchmark.name] or {}):
+                metrics[task.benchmark.name] = run.save_scored(task, ranks.world)
 
     # load (only when there is work: a finished run answers in seconds)
     if pending:
@@ -137,13 +141,13 @@ def main(
 
     # save: a line per set, and the paper's table per suite
     for task in tasks:
-        m, folder = metrics[task.benchmark.name], run.task_dir(task)
-        if "scored_from" in m:  # the first N of a longer run's predictions; its metrics.json is that run's
-            where = f" (the first {m['n']} of {m['scored_from']} saved predictions) -> {os.path.join(folder, PREDICTIONS)}"
+        m = metrics[task.benchmark.name]
+        if m.get("scored_from", 0) > m["n"]:
+            how = f" (the first {m['n']} of {m['scored_from']} saved predictions)"
         else:
-            speed = f", {m['examples_per_s']:.2f} examples/s" if task in pending and m["examples_per_s"] else " (done before)"
-            where = f"{speed} -> {os.path.join(folder, METRICS)}"
-        print(f"{task.benchmark.name}: {100 * m['accuracy']:.1f}% ({m['correct']}/{m['n']}){where}")
+            how = f", {m['examples_per_s']:.2f} examples/s" if task in pending and m["examples_per_s"] else " (done before)"
+        print(f"{task.benchmark.name}: {100 * m['accuracy']:.1f}% ({m['correct']}/{m['n']}){how}"
+              f" -> {os.path.join(run.task_dir(task), METRICS)}")
     for benchmark in missing:
         print(f"{benchmark.name}: skipped, no {os.path.join(data_dir, benchmark.name, 'test.json')}")
     accuracy = {name: m["accuracy"] for name, m in metrics.items()}

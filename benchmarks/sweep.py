@@ -100,10 +100,9 @@ def check_passed_flags(option: str, texts: list[str], script: str, own: dict[str
     known = script_flags(script)
     for text in texts:
         for name in parse_flags(text):
-            flag = name.replace("-", "_")
-            if flag not in known and not (flag.startswith("no") and flag[2:] in known):  # fire's --noflag
+            if name not in known and not (name.startswith("no") and name[2:] in known):  # fire's --noflag
                 raise UsageError(f"{option}: {no_such_flag(script, '--' + name, known)}")
-            if flag in own:
+            if name in own:
                 raise UsageError(f"{option} cannot set --{name}: the sweep sets it for each run; use {own[name]}")
 
 
@@ -119,11 +118,13 @@ def script_flags(script: str) -> list[str]:
 
 
 def parse_flags(text: str) -> dict:
-    """'--lora_r 16 --train_on_inputs=False --use_adapterp' -> {'lora_r': '16', ...} (values as typed)."""
+    """'--lora_r 16 --train_on_inputs=False --use-adapterp' -> {'lora_r': '16', ...} (values as typed; names with
+    '_' for '-', as fire reads them)."""
     flags, words = {}, shlex.split(text)
     for i, word in enumerate(words):
         if word.startswith("--"):
             name, _, value = word[2:].partition("=")
+            name = name.replace("-", "_")
             if not value and i + 1 < len(words) and not words[i + 1].startswith("--"):
                 value = words[i + 1]
             flags[name] = value or "True"

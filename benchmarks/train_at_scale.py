@@ -34,6 +34,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback, set_see
 
 from peft_ext import adapters, bundled, training  # noqa: E402
 from peft_ext.data import load_data, tokenize  # noqa: E402
+from peft_ext.errors import UsageError  # noqa: E402
 from peft_ext.modeling import load_base_model, load_tokenizer, parameter_counts  # noqa: E402
 from peft_ext.prompts import Prompter  # noqa: E402
 from train_throughput import ADAPTER_DEFAULTS  # noqa: E402  (this folder: the script's own)
@@ -161,14 +162,14 @@ def main():
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results", "train_at_scale"))
     args = parser.parse_args()
-    if not os.path.isfile(args.data_path):  # argparse's one line and exit status 2, as the scripts give
-        parser.error(f"--data_path {args.data_path} does not exist; pass the path of LLM-Adapters' math_data.json "
-                     "(../shared/data/train/ beside a checkout) or another training file")
     transformers.logging.set_verbosity_error()
 
+    try:
+        records, _ = load_data(args.data_path)
+    except UsageError as e:  # argparse's one line and exit status 2, as the scripts give
+        parser.error(f"{e} (the default is LLM-Adapters' math_data.json in ../shared/data/train/ beside a checkout)")
     model_dir = make_model(args.shape, os.path.join(args.work_dir, args.shape))
     tokenizer = load_tokenizer(model_dir)
-    records, _ = load_data(args.data_path)
     records = records.select(range(min(len(records), args.batch_size * (args.skip + args.steps))))
     train_set = tokenize(records, tokenizer, Prompter.load("alpaca"), args.cutoff_len, train_on_inputs=True)
     chosen = SETUPS if args.setups == "all" else [SETUPS[int(i)] for i in args.setups.split(",")]

@@ -33,6 +33,7 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, Train
 import finetune  # noqa: E402
 from peft_ext import adapters, training  # noqa: E402
 from peft_ext.data import load_data, tokenize  # noqa: E402
+from peft_ext.errors import UsageError  # noqa: E402
 from peft_ext.modeling import load_base_model, load_tokenizer, precision  # noqa: E402
 from peft_ext.prompts import Prompter  # noqa: E402
 
@@ -235,14 +236,14 @@ def main():
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results", "train_throughput"))
     args = parser.parse_args()
-    if not os.path.isfile(args.data_path):  # argparse's one line and exit status 2, as the scripts give
-        parser.error(f"--data_path {args.data_path} does not exist; pass the path of LLM-Adapters' math_data.json "
-                     "(../shared/data/train/ beside a checkout) or another training file")
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
 
     tokenizer = load_tokenizer(args.base_model)
-    records, _ = load_data(args.data_path)
+    try:
+        records, _ = load_data(args.data_path)
+    except UsageError as e:  # argparse's one line and exit status 2, as the scripts give
+        parser.error(f"{e} (the default is LLM-Adapters' math_data.json in ../shared/data/train/ beside a checkout)")
     records = records.select(range(args.examples + args.eval_examples))
     encoded = tokenize(records, tokenizer, Prompter.load("alpaca"), args.cutoff_len, train_on_inputs=True)
     train_set = encoded.select(range(args.examples))

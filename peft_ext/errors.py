@@ -42,7 +42,10 @@ def _refuse_unknown(fn, args: list[str]) -> None:
     will read it (its own parser: fire is pinned in requirements.txt) and refused before any work."""
     args, _ = fire.parser.SeparateFlagArgs(args)  # what follows a final `--` is fire's own flags
     spec = fire.inspectutils.GetFullArgSpec(fn)
-    given, unknown, positional = fire.core._ParseKeywordArgs(args, spec)
+    try:
+        given, unknown, positional = fire.core._ParseKeywordArgs(args, spec)
+    except fire.core.FireError as e:  # `-l`, which could be --learning_rate or --lora_r
+        raise UsageError(f"{e}; spell the flag out") from None
     script = os.path.basename(sys.argv[0])
     for flag in [arg for arg in unknown if fire.core._IsFlag(arg)]:
         at = args.index(flag)

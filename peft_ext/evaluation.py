@@ -228,18 +228,26 @@ class Evaluation:
             )
 
     def finished(self, task: Task) -> dict | None:
-        """The metrics of this set if it is done with these settings: as saved, or, for the first N examples of a
-        larger run (`--max_examples N` after a longer run), scored from its predictions, which stay as they are."""
+        """The metrics of this set if it is done with these settings, without the model: as saved, or, when every
+        example has its prediction but metrics.json is not about these examples (`--max_examples N` after a longer
+        or a shorter run, or a stop just before it was written), scored from the predictions and marked with
+        "scored_from", the number of predictions saved; `save_scored` then writes them."""
         self.check_settings(task)
         folder = self.task_dir(task)
         metrics = read_json(os.path.join(folder, METRICS))
         if metrics and metrics.get("n") == len(task.examples):
             return metrics
         by_index = {r["index"]: r for r in self._all_predictions(folder)} if os.path.isdir(folder) else {}
-        if len(by_index) > len(task.examples) and all(i in by_index for i in range(len(task.examples))):
+        if by_index and all(i in by_index for i in range(len(task.examples))):
             metrics = self._metrics(task, by_index, generated=0, resumed=len(task.examples), seconds=0.0, world=1)
             return {**metrics, "scored_from": len(by_index)}
         return None
+
+    def save_scored(self, task: Task, world: int) -> dict:
+        """Write the metrics of a set that `finished` scored from its predictions (rank 0, once every rank has
+        read them): the predictions of a longer run stay in predictions.jsonl, metrics.json is about these."""
+        scored_from = len(self._all_predictions(self.task_dir(task)))
+        return {**self._finish(task, 0, len(task.examples), 0.0, world), "scored_from": scored_from}
 
     def discard(self, task: Task) -> None:
         shutil.rmtree(self.task_dir(task), ignore_errors=True)

@@ -373,22 +373,24 @@ def test_finished_run_loads_no_model(tmp_path, checkpoint, data_dir, monkeypatch
 
 
 def test_first_examples_of_a_larger_run_are_scored_without_the_model(tmp_path, checkpoint, data_dir, monkeypatch, capsys):
-    """`--max_examples 3` after a run of 6: the score of the first 3 from the saved predictions, at once, and the
-    larger run's files as they were (a later run of 6 finds it finished)."""
+    """`--max_examples 3` after a run of 6: the score of the first 3 from the saved predictions, at once, in
+    metrics.json (which the sweep's tables read); the 6 predictions stay, so 6 again needs no model either."""
     flags = dict(lora_weights=checkpoint, dataset="SVAMP", data_dir=data_dir)
     out = run(tmp_path, max_examples=6, **flags)
     folder = os.path.join(out, "llama-llama-lora", "SVAMP")
-    before = {name: open(os.path.join(folder, name)).read() for name in os.listdir(folder)}
+    saved, six = open(os.path.join(folder, "predictions.jsonl")).read(), metrics(folder)
     monkeypatch.setattr(evaluate, "load_for_inference", lambda *a, **k: pytest.fail("the model was loaded"))
     capsys.readouterr()
     run(tmp_path, max_examples=3, **flags)
-    first = predictions(folder)[:3]
-    correct = sum(r["correct"] for r in first)
-    assert f"SVAMP: {100 * correct / 3:.1f}% ({correct}/3) (the first 3 of 6 saved predictions) -> {folder}/predictions.jsonl" \
+    correct = sum(r["correct"] for r in predictions(folder)[:3])
+    assert f"SVAMP: {100 * correct / 3:.1f}% ({correct}/3) (the first 3 of 6 saved predictions) -> {folder}/metrics.json" \
         in capsys.readouterr().out
-    assert {name: open(os.path.join(folder, name)).read() for name in os.listdir(folder)} == before
+    assert (metrics(folder)["n"], metrics(folder)["correct"]) == (3, correct)
+    assert open(os.path.join(folder, "predictions.jsonl")).read() == saved
     run(tmp_path, max_examples=6, **flags)
-    assert metrics(folder)["n"] == 6
+    assert {k: v for k, v in metrics(folder).items() if k != "finished_at"} == \
+        {**{k: v for k, v in six.items() if k != "finished_at"}, "seconds": 0.0, "examples_per_s": None,
+         "generated": 0, "resumed": 6}
 
 
 def test_suite_table_with_a_missing_set(tmp_path, checkpoint, data_dir, capsys):

@@ -134,7 +134,9 @@ def test_ctrl_c_ends_with_one_line_below_the_progress_bars(monkeypatch, capsys):
     (["--steps=3", "--verbose"], "error: script.py has no flag --verbose; `python script.py --help` lists its flags"),
     (["--name", "--lora_r 16"], "error: --name '--lora_r 16' reads as two flags: write --name='--lora_r 16', with the '='"),
     (["--name=--lora_r 16", "-s", "3"], {"overwrite": False, "steps": 3, "rate": 0.5, "name": "--lora_r 16"}),
-    (["True", "2", "0.25", "x", "extra"], "error: unexpected argument 'extra': script.py takes its settings as --flags "
+    (["-r", "2"], "error: The argument '-r' is ambiguous as it could refer to any of the following arguments: "
+                  "['rate', 'rank']; spell the flag out"),
+    (["True", "2", "0.25", "x", "0", "extra"], "error: unexpected argument 'extra': script.py takes its settings as --flags "
                                          "(`python script.py --help` lists them); a value that starts with '-' needs --flag=VALUE"),
 ])
 def test_flags_are_held_to_their_annotated_types(argv, expected, monkeypatch, capsys):
@@ -144,7 +146,7 @@ def test_flags_are_held_to_their_annotated_types(argv, expected, monkeypatch, ca
 
     seen = {}
 
-    def script(overwrite: bool = False, steps: int = 1, rate: float = 0.5, name: str = ""):
+    def script(overwrite: bool = False, steps: int = 1, rate: float = 0.5, name: str = "", rank: int = 0):
         seen.update(overwrite=overwrite, steps=steps, rate=rate, name=name)
 
     monkeypatch.setattr(sys, "argv", ["script.py", *argv])

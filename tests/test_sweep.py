@@ -147,6 +147,7 @@ def test_flags_come_from_the_paper_then_the_bundled_scaling_then_the_user():
     assert "num_virtual_tokens" not in lora and lora["cutoff_len"] == "64"
     with pytest.raises(UsageError, match="not a --flag"):
         sweep.parse_flags("--lora_r 16 32")
+    assert sweep.parse_flags("--val-set-size=0 --lora-r 16") == {"val_set_size": "0", "lora_r": "16"}  # as fire reads them
     given = sweep.training_flags("lora", "m", "d", True, "llama", {}, "--lora_r 16 --lora_dropout 0.1")
     sweep.check_adapters({"lora": given})  # numbers typed in --finetune_args are numbers to finetune.py
     with pytest.raises(UsageError, match="--adapters lora: --lora_r must be a whole number at least 1, got 0"):
@@ -161,7 +162,8 @@ def test_flags_come_from_the_paper_then_the_bundled_scaling_then_the_user():
     (['--finetune_args={"lora": "--adapter_name dora"}'], "--finetune_args cannot set --adapter_name"),
     # a typo in one adapter's flags fails before the adapters listed before it train
     (['--finetune_args={"parallel": "--lora_rr 16"}'], "--finetune_args: finetune.py has no flag --lora_rr; did you mean --lora_r?"),
-    (["--evaluate_args=--num-beam=4"], "--evaluate_args: evaluate.py has no flag --num-beam; did you mean --num_beams?"),
+    (["--evaluate_args=--num-beam=4"], "--evaluate_args: evaluate.py has no flag --num_beam; did you mean --num_beams?"),
+    (["--finetune_args=--output-dir=/tmp/elsewhere"], "--finetune_args cannot set --output_dir"),
 ])
 def test_flags_the_sweep_sets_itself_are_refused(flags, message, tmp_path):
     done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "sweep.py"), "--output_dir", str(tmp_path / "s"), *flags],
