@@ -166,8 +166,10 @@ def train(
         checkpointing=use_gradient_checkpointing, seed=seed, report=report, resume_dir=resume.checkpoint, started=started,
     )
     if resume.checkpoint and (step := training.resumed_at_the_end(trainer, resume.checkpoint, output_dir)):
-        print(f"{output_dir} holds a finished run at step {step}, all the steps these flags plan: nothing to train "
-              "(a larger --max_steps or --num_epochs continues it)")
+        if trainer.is_world_process_zero():
+            print(f"{output_dir} holds a finished run at step {step}, all the steps these flags plan: nothing to "
+                  "train (a larger --max_steps or --num_epochs continues it)")
+        end_process_group()
         return
     if resume.replaces and trainer.is_world_process_zero():  # now that every check has passed
         training.discard_earlier_run(output_dir)

@@ -128,7 +128,7 @@ def serve(app, **launch) -> None:
         while True:
             time.sleep(3600)
     finally:
-        app.close()
+        app.close(verbose=False)  # quietly: the Ctrl-C line says it
 
 
 def _check_port(host: str, port: int) -> None:

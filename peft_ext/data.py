@@ -182,6 +182,7 @@ def tokenize(data: Dataset, tokenizer, prompter: Prompter, cutoff_len: int, trai
     )
     kept = encoded.filter(lambda r: any(label != IGNORE_INDEX for label in r["labels"]), desc="dropping empty")
     if len(kept) < len(encoded):
-        print(f"note: {len(encoded) - len(kept)} of {len(encoded)} examples are left out: their prompt fills "
-              f"--cutoff_len {cutoff_len}, leaving no response token to learn from; a larger --cutoff_len keeps them")
+        print(f"note: {len(encoded) - len(kept)} of {len(encoded)} examples are left out, with no response token to "
+              f"learn from within --cutoff_len {cutoff_len}: their prompt fills it (a larger --cutoff_len keeps them) "
+              "or their response is empty")
     return kept

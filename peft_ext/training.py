@@ -106,7 +106,8 @@ def resume_plan(resume_from_checkpoint, output_dir: str, overwrite: bool) -> Res
                              "folder to continue from; replace it with --overwrite, or pick another --output_dir")
         # Nothing saved yet (stopped before the first --save_step): the same command works from the start, so a
         # job that always passes `latest` (a preemptible one, say) needs no other command for its first run.
-        print(f"no checkpoint-N folder in {output_dir!r} yet: training from the start")
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"no checkpoint-N folder in {output_dir!r} yet: training from the start")
         return ResumePlan()
     path = str(resume_from_checkpoint)
     if os.path.isfile(os.path.join(path, TRAINER_STATE)):
@@ -236,7 +237,9 @@ class RunClock(TrainerCallback):
         if self.resume_dir and os.path.isfile(path):
             with open(path) as f:
                 self.before = json.load(f)
-        self.train_start, self.resumed_at = time.perf_counter(), state.global_step
+        # a checkpoint from before the clock was kept: the time before it is unknown
+        self.whole_run = not state.global_step or os.path.isfile(path)
+        self.train_start, self.resumed_at, self.tokens_before = time.perf_counter(), state.global_step, state.num_input_tokens_seen
 
     def totals(self, training: bool = True) -> dict:
         """The seconds so far; `training`: the clock of training itself still runs (it stops at the end)."""
@@ -431,8 +434,10 @@ def run_record(args: dict, trainer: Trainer, result, trainable: int, total: int,
         "wall_seconds": seconds["wall_seconds"],
         "cpu_seconds": seconds["cpu_seconds"],  # unlike wall time, not stretched by other jobs on a shared machine
         "train_seconds": seconds["train_seconds"],
-        "tokens_per_second": state.num_input_tokens_seen / max(seconds["train_seconds"], 1e-9),
-        "steps_per_second": state.global_step / max(seconds["train_seconds"], 1e-9),
+        # over the whole run, or over what followed the resume when the time before it is unknown
+        "tokens_per_second": (state.num_input_tokens_seen - (0 if clock.whole_run else clock.tokens_before))
+        / max(seconds["train_seconds"], 1e-9),
+        "steps_per_second": (state.global_step - (0 if clock.whole_run else clock.resumed_at)) / max(seconds["train_seconds"], 1e-9),
         "resumed_at_step": clock.resumed_at or None,
         "peak_memory_bytes": memory,
         "peak_memory_kind": memory_kind,
@@ -446,8 +451,8 @@ def run_record(args: dict, trainer: Trainer, result, trainable: int, total: int,
 
 def mean_train_loss(log_history: list[dict], this_call: float, resumed_at: int, steps: int) -> float:
     """The mean loss of all the run's steps. The Trainer's covers the steps of this call only; those before a resume
-    come from the logged losses, each the mean over the steps since the log before it (steps after the last log
-    before the resume were not logged, and are left out)."""
+    come from the logged losses, each the mean over the steps since the log before it (weighted as if it covered
+    them all, which after an earlier resume may count a few unlogged steps at the logged mean)."""
     if not resumed_at:
         return this_call
     total, known, last = 0.0, 0, 0

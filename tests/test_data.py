@@ -155,7 +155,8 @@ def test_examples_without_a_token_to_learn_are_left_out_with_a_note(tokenizer, c
     records = [{"instruction": "word " * 200, "output": "long prompt"}, {"instruction": "2+2?", "output": "4"}]
     kept = tokenize(Dataset.from_list(records), tokenizer, Prompter.load("alpaca"), 128, False)
     assert len(kept) == 1
-    assert "note: 1 of 2 examples are left out: their prompt fills --cutoff_len 128" in capsys.readouterr().out
+    assert "note: 1 of 2 examples are left out, with no response token to learn from within --cutoff_len 128: " \
+           "their prompt fills it" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(("size", "expected"), [(0, 0), (3, 3), (0.25, 5), (0.5, 10)])

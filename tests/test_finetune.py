@@ -216,6 +216,19 @@ def test_resuming_a_finished_run_trains_only_steps_it_lacks(tiny_model_dir, data
     assert json.loads((out / "run.json").read_text())["steps"] == 6  # a longer plan continues it
 
 
+def test_rates_after_resuming_a_checkpoint_without_its_clock(tiny_model_dir, data_file, tmp_path):
+    """A checkpoint-N/ saved before run_clock.json was kept: the time before it is unknown, so the rates count
+    only the steps and tokens that followed the resume."""
+    base, out = tiny_model_dir("llama"), tmp_path / "run"
+    finetune.train(**quick_args(base, data_file, out, max_steps=4, save_step=2))
+    shutil.rmtree(out / "checkpoint-4")
+    os.remove(out / "run.json")
+    os.remove(out / "checkpoint-2" / "run_clock.json")
+    finetune.train(**quick_args(base, data_file, out, max_steps=4, save_step=2, resume_from_checkpoint="latest"))
+    record = json.loads((out / "run.json").read_text())
+    assert record["resumed_at_step"] == 2 and record["steps_per_second"] == pytest.approx(2 / record["train_seconds"])
+
+
 def test_latest_with_nothing_saved_yet_trains_from_the_start(tiny_model_dir, data_file, tmp_path, capsys):
     """Ctrl-C before the first --save_step suggests `--resume_from_checkpoint latest`, which must then work; a
     finished run with no checkpoint-N left is refused instead of retrained."""
