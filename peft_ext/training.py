@@ -309,6 +309,14 @@ class AdapterTrainer(Trainer):
             sampler.seed = self.args.data_seed  # the library seeds it with a constant
         return sampler
 
+    def _run_epoch(self, *args, **kwargs):
+        # Resumed at its last step (a run stopped between its final checkpoint and run.json), transformers would
+        # take one step more before it checks the step count; finish the run as it is instead.
+        if self.state.global_step >= self.state.max_steps > 0:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
     def compute_loss(self, model, inputs, *args, **kwargs):
         # Batches are padded on the right, and in a causal LM no token attends to a later one, so the
         # padding mask hides nothing a labelled token would see. Without it attention runs the plain

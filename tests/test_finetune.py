@@ -212,6 +212,11 @@ def test_resuming_a_finished_run_trains_only_steps_it_lacks(tiny_model_dir, data
     assert "holds a finished run at step 4, all the steps these flags plan: nothing to train" in capsys.readouterr().out
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == files
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    # Stopped between the final checkpoint and run.json: the resume finishes the run without a step more.
+    os.remove(out / "run.json")
+    finetune.train(**quick_args(base, data_file, out, max_steps=4, save_step=2, resume_from_checkpoint="latest"))
+    assert json.loads((out / "run.json").read_text())["steps"] == 4 and not (out / "checkpoint-5").exists()
+    assert (out / "adapter_model.safetensors").read_bytes() == files["adapter_model.safetensors"]
     finetune.train(**quick_args(base, data_file, out, max_steps=6, save_step=2, resume_from_checkpoint="latest"))
     assert json.loads((out / "run.json").read_text())["steps"] == 6  # a longer plan continues it
 
