@@ -222,8 +222,9 @@ class Evaluation:
         # a setting that an earlier version did not record is not taken as changed
         changed = sorted(k for k in current if k in saved and saved[k] != current[k])
         if changed:
+            why = "; the model's weight files changed since" if {"base_model_files", "lora_weights_sha256"} & set(changed) else ""
             raise UsageError(
-                f"{self.task_dir(task)} holds predictions made with other settings ({', '.join(changed)} differ); "
+                f"{self.task_dir(task)} holds predictions made with other settings ({', '.join(changed)} differ{why}); "
                 "pass --overwrite True to discard them, or choose another --output_dir"
             )
 

@@ -496,12 +496,12 @@ def test_predictions_of_earlier_weights_in_the_same_folders_are_not_taken(tmp_pa
     weights = os.path.join(adapter, "adapter_model.safetensors")
     trained = open(weights, "rb").read()
     save_file({name: 2 * t for name, t in load_file(weights).items()}, weights)  # "retrained"
-    assert "(lora_weights_sha256 differ)" in cli(monkeypatch, capsys, *args)
+    assert "(lora_weights_sha256 differ; the model's weight files changed since)" in cli(monkeypatch, capsys, *args)
     with open(weights, "wb") as f:  # the same bytes written again: the same adapter
         f.write(trained)
     weights = next(os.path.join(base, f) for f in os.listdir(base) if f.endswith(".safetensors"))
     save_file(load_file(weights), weights)  # "re-exported"
-    assert "(base_model_files differ)" in cli(monkeypatch, capsys, *args)
+    assert "(base_model_files differ; the model's weight files changed since)" in cli(monkeypatch, capsys, *args)
 
 
 def test_dtype_is_chosen_recorded_and_not_mixed_in(tmp_path, checkpoint, data_dir, monkeypatch, capsys):
