@@ -135,7 +135,7 @@ def train(
         adapters.check_on_skeleton(base_config, peft_config, trust_remote_code)
         if resume.checkpoint:  # its adapter must be the one these flags make
             training.check_resumable(resume.checkpoint, peft_config)
-    train_data, _ = load_data(data_path)
+    train_data = load_data(data_path)
     training.check_schedule(num_epochs, max_steps, learning_rate, warmup_steps, eval_step, save_step,
                             has_validation=bool(val_set_size))
     report = training.reporting(report_to, wandb_project, wandb_run_name, wandb_watch, wandb_log_model)

@@ -165,7 +165,7 @@ def main():
     transformers.logging.set_verbosity_error()
 
     try:
-        records, _ = load_data(args.data_path)
+        records = load_data(args.data_path)
     except UsageError as e:  # argparse's one line and exit status 2, as the scripts give
         parser.error(f"{e} (the default is LLM-Adapters' math_data.json in ../shared/data/train/ beside a checkout)")
     model_dir = make_model(args.shape, os.path.join(args.work_dir, args.shape))

@@ -241,7 +241,7 @@ def main():
 
     tokenizer = load_tokenizer(args.base_model)
     try:
-        records, _ = load_data(args.data_path)
+        records = load_data(args.data_path)
     except UsageError as e:  # argparse's one line and exit status 2, as the scripts give
         parser.error(f"{e} (the default is LLM-Adapters' math_data.json in ../shared/data/train/ beside a checkout)")
     records = records.select(range(args.examples + args.eval_examples))

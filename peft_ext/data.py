@@ -1,7 +1,7 @@
 """Training data: reading records from files or the hub, and turning them into token ids and labels.
 
 Supported inputs: a JSON list or JSONL file of `{instruction, input, output}` records (or ShareGPT
-`conversations`); a directory holding `train.json` (and optionally `test.json`); a `.txt` file of raw
+`conversations`); a directory holding `train.json` (its `test.json` is evaluate.py's); a `.txt` file of raw
 text, chunked into `cutoff_len`-token blocks; a `datasets` hub id.
 """
 import os
@@ -58,8 +58,9 @@ def _instruction_fields(r: dict) -> dict:
     return {"instruction": r.get("instruction") or "", "input": r.get("input") or "", "output": r.get("output") or ""}
 
 
-def load_data(data_path: str) -> tuple[Dataset, Dataset | None]:
-    """(train, test or None). Records are checked here, before any model is loaded."""
+def load_data(data_path: str) -> Dataset:
+    """The training records, checked here, before any model is loaded. A directory's test.json is not read: it
+    is a benchmark's test set for evaluate.py (whose records need no 'output'), never a validation set."""
     if not data_path:
         raise UsageError("--data_path is required: a JSON/JSONL file, a directory, a .txt file or a hub id")
     path = os.path.expanduser(data_path)
@@ -67,19 +68,18 @@ def load_data(data_path: str) -> tuple[Dataset, Dataset | None]:
         train = next((os.path.join(path, n) for n in ("train.json", "train.jsonl") if os.path.isfile(os.path.join(path, n))), None)
         if train is None:
             raise UsageError(f"data directory {data_path!r} holds no train.json; add one or point at a file")
-        test = next((os.path.join(path, n) for n in ("test.json", "test.jsonl") if os.path.isfile(os.path.join(path, n))), None)
-        return _records_dataset(train), (_records_dataset(test) if test else None)
+        return _records_dataset(train)
     if os.path.isfile(path):
         if path.endswith(".txt"):
             with open(path, encoding="utf-8") as f:
                 text = f.read()
             if not text.strip():
                 raise UsageError(f"{data_path} is empty; give a text file with content")
-            return Dataset.from_list([{"text": text}]), None
-        return _records_dataset(path), None
+            return Dataset.from_list([{"text": text}])
+        return _records_dataset(path)
     if data_path.endswith((".json", ".jsonl", ".txt")) or data_path.startswith((".", "/", "~")):
         raise UsageError(f"data file {data_path!r} does not exist; check --data_path")
-    return _hub_dataset(data_path), None
+    return _hub_dataset(data_path)
 
 
 def _hub_dataset(name: str) -> Dataset:

@@ -110,17 +110,16 @@ def test_load_data_formats(tmp_path):
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in records))
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "train.json").write_text(json.dumps(records))
-    (tmp_path / "d" / "test.json").write_text(json.dumps(records[:1]))
+    (tmp_path / "d" / "test.json").write_text(json.dumps([{"instruction": "2+2?", "answer": "4"}]))  # evaluate.py's
     (tmp_path / "t.txt").write_text("some raw text " * 50)
     (tmp_path / "c.json").write_text(json.dumps([{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}]))
-    assert load_data(str(tmp_path / "a.json"))[0]["instruction"] == [RECORD["instruction"], "2+2?"]
-    assert len(load_data(str(tmp_path / "a.jsonl"))[0]) == 2
-    train, test = load_data(str(tmp_path / "d"))
-    assert (len(train), len(test)) == (2, 1)
-    assert load_data(str(tmp_path / "t.txt"))[0].column_names == ["text"]
-    assert load_data(str(tmp_path / "c.json"))[0][0]["conversations"][1]["value"] == "hello"
+    assert load_data(str(tmp_path / "a.json"))["instruction"] == [RECORD["instruction"], "2+2?"]
+    assert len(load_data(str(tmp_path / "a.jsonl"))) == 2
+    assert len(load_data(str(tmp_path / "d"))) == 2  # its test set, without 'output', is not training data
+    assert load_data(str(tmp_path / "t.txt")).column_names == ["text"]
+    assert load_data(str(tmp_path / "c.json"))[0]["conversations"][1]["value"] == "hello"
     (tmp_path / "one.jsonl").write_text(json.dumps(RECORD) + "\n")  # also valid JSON: one object, not a list
-    assert load_data(str(tmp_path / "one.jsonl"))[0]["instruction"] == [RECORD["instruction"]]
+    assert load_data(str(tmp_path / "one.jsonl"))["instruction"] == [RECORD["instruction"]]
     (tmp_path / "bad.jsonl").write_text(json.dumps(RECORD) + "\n{oops\n")
     with pytest.raises(UsageError, match="bad.jsonl is neither JSON nor JSON Lines \\(line 2: "):
         load_data(str(tmp_path / "bad.jsonl"))
@@ -128,7 +127,7 @@ def test_load_data_formats(tmp_path):
 
 def test_raw_text_is_chunked_to_cutoff(tmp_path, tokenizer):
     (tmp_path / "t.txt").write_text("the quick brown fox jumps over the lazy dog. " * 40)
-    data, _ = load_data(str(tmp_path / "t.txt"))
+    data = load_data(str(tmp_path / "t.txt"))
     blocks = tokenize(data, tokenizer, Prompter.load("alpaca"), cutoff_len=32, train_on_inputs=False)
     lengths = [len(b) for b in blocks["input_ids"]]
     assert all(n == 32 for n in lengths[:-1]) and 1 < lengths[-1] <= 32
@@ -140,7 +139,7 @@ def test_raw_text_is_chunked_to_cutoff(tmp_path, tokenizer):
 def test_raw_text_holds_out_whole_blocks(tmp_path, tokenizer):
     """A .txt file is one record: its validation set is made of its blocks, so the default size works on it."""
     (tmp_path / "t.txt").write_text("the quick brown fox jumps over the lazy dog. " * 40)
-    data, _ = load_data(str(tmp_path / "t.txt"))
+    data = load_data(str(tmp_path / "t.txt"))
     blocks = tokenize(data, tokenizer, Prompter.load("alpaca"), cutoff_len=32, train_on_inputs=False)
     train, val = training_sets(data, 0.25, 1, tokenizer, Prompter.load("alpaca"), 32, False)
     assert len(val) == round(len(blocks) / 4) and len(train) + len(val) == len(blocks) > 4
