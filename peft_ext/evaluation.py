@@ -308,7 +308,7 @@ class Evaluation:
 
     def _finish(self, task: Task, generated: int, resumed: int, seconds: float, world: int) -> dict:
         """Merge the rank files into one predictions.jsonl in data order; write metrics.json."""
-        folder, benchmark = self.task_dir(task), task.benchmark
+        folder = self.task_dir(task)
         by_index = {r["index"]: r for r in self._all_predictions(folder)}
         merged = [by_index[i] for i in sorted(by_index)]
         with atomic_open(os.path.join(folder, PREDICTIONS)) as f:
