@@ -119,8 +119,9 @@ def main(
     ranks.barrier()  # every rank has read the predictions before rank 0 writes the sets scored from them
     if ranks.main:
         for task in tasks:
-            if "scored_from" in (metrics[task.benchmark.name] or {}):
-                metrics[task.benchmark.name] = run.save_scored(task, ranks.world)
+            scored = metrics[task.benchmark.name]
+            if scored and "scored_from" in scored:
+                metrics[task.benchmark.name] = run.save_scored(task, scored, ranks.world)
 
     # load (only when there is work: a finished run answers in seconds)
     if pending:

@@ -212,12 +212,14 @@ class Evaluation:
             "answer_rule": self.answer_rule if task.benchmark.kind == "letter" else None,
         }
 
-    def check_settings(self, task: Task) -> None:
+    def check_settings(self, task: Task) -> list[dict]:
         """Refuse to add to predictions made with other settings; a run that stopped before its first prediction
-        (its settings.json written, nothing else) is simply started again."""
-        saved = read_json(os.path.join(self.task_dir(task), SETTINGS))
-        if saved is None or not self._all_predictions(self.task_dir(task)):
-            return
+        (its settings.json written, nothing else) is simply started again. Returns the saved predictions."""
+        folder = self.task_dir(task)
+        predictions = self._all_predictions(folder) if os.path.isdir(folder) else []
+        saved = read_json(os.path.join(folder, SETTINGS))
+        if saved is None or not predictions:
+            return predictions
         current = json.loads(json.dumps(self.settings(task)))
         # a setting that an earlier version did not record is not taken as changed
         changed = sorted(k for k in current if k in saved and saved[k] != current[k])
@@ -227,28 +229,27 @@ class Evaluation:
                 f"{self.task_dir(task)} holds predictions made with other settings ({', '.join(changed)} differ{why}); "
                 "pass --overwrite True to discard them, or choose another --output_dir"
             )
+        return predictions
 
     def finished(self, task: Task) -> dict | None:
         """The metrics of this set if it is done with these settings, without the model: as saved, or, when every
         example has its prediction but metrics.json is not about these examples (`--max_examples N` after a longer
         or a shorter run, or a stop just before it was written), scored from the predictions and marked with
         "scored_from", the number of predictions saved; `save_scored` then writes them."""
-        self.check_settings(task)
-        folder = self.task_dir(task)
-        metrics = read_json(os.path.join(folder, METRICS))
+        predictions = self.check_settings(task)
+        metrics = read_json(os.path.join(self.task_dir(task), METRICS))
         if metrics and metrics.get("n") == len(task.examples):
             return metrics
-        by_index = {r["index"]: r for r in self._all_predictions(folder)} if os.path.isdir(folder) else {}
+        by_index = {r["index"]: r for r in predictions}
         if by_index and all(i in by_index for i in range(len(task.examples))):
             metrics = self._metrics(task, by_index, generated=0, resumed=len(task.examples), seconds=0.0, world=1)
             return {**metrics, "scored_from": len(by_index)}
         return None
 
-    def save_scored(self, task: Task, world: int) -> dict:
-        """Write the metrics of a set that `finished` scored from its predictions (rank 0, once every rank has
-        read them): the predictions of a longer run stay in predictions.jsonl, metrics.json is about these."""
-        scored_from = len(self._all_predictions(self.task_dir(task)))
-        return {**self._finish(task, 0, len(task.examples), 0.0, world), "scored_from": scored_from}
+    def save_scored(self, task: Task, scored: dict, world: int) -> dict:
+        """Write the metrics of a set that `finished` scored from its predictions (`scored`; rank 0, once every
+        rank has read them): the predictions of a longer run stay in predictions.jsonl, metrics.json is about these."""
+        return {**self._finish(task, 0, len(task.examples), 0.0, world), "scored_from": scored["scored_from"]}
 
     def discard(self, task: Task) -> None:
         shutil.rmtree(self.task_dir(task), ignore_errors=True)
