@@ -13,7 +13,6 @@ Run the same command again to continue: a finished adapter is not retrained, an 
 from its newest checkpoint-N/, and evaluate.py continues a partial evaluation. A second run of a
 finished sweep starts no process and only rewrites the tables.
 """
-import ast
 import csv
 import io
 import json
@@ -28,7 +27,7 @@ from fire.parser import DefaultParseValue
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # peft_ext
 from peft_ext.bundled import BASE_MODEL, DATA_DIR, TEST_DATA, TINY_RECIPE, TRAIN_DATA  # noqa: E402
-from peft_ext.errors import UsageError, no_such_flag, run_cli  # noqa: E402
+from peft_ext.errors import UsageError, no_such_flag, run_cli, script_flags  # noqa: E402
 from peft_ext.files import atomic_open, run_folder, write_json_atomic, write_text_atomic  # noqa: E402
 
 ADAPTERS = "lora,adapterh,adapterp,parallel,prefix-tuning"
@@ -97,24 +96,13 @@ def check_passed_flags(option: str, texts: list[str], script: str, own: dict[str
     """Refuse flags in --finetune_args or --evaluate_args that `script` does not have, now rather than when
     the adapters before the one they are for have trained, and those the sweep sets itself: they would send a
     run's files where the sweep does not look for them."""
-    known = script_flags(script)
+    known = script_flags(os.path.join(ROOT, script))
     for text in texts:
         for name in parse_flags(text):
             if name not in known and not (name.startswith("no") and name[2:] in known):  # fire's --noflag
                 raise UsageError(f"{option}: {no_such_flag(script, '--' + name, known)}")
             if name in own:
                 raise UsageError(f"{option} cannot set --{name}: the sweep sets it for each run; use {own[name]}")
-
-
-def script_flags(script: str) -> list[str]:
-    """The flags of one of this project's scripts: the parameters of the function its `run_cli` runs, read from
-    its source (importing it would load torch)."""
-    with open(os.path.join(ROOT, script)) as f:
-        tree = ast.parse(f.read())
-    entry = next(node.args[0].id for node in ast.walk(tree)
-                 if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "run_cli")
-    function = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == entry)
-    return [arg.arg for arg in function.args.args]
 
 
 def parse_flags(text: str) -> dict:

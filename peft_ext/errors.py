@@ -1,4 +1,5 @@
 """Bad input ends a script with one clear line on stderr and a non-zero exit, never a traceback; so does Ctrl-C."""
+import ast
 import difflib
 import functools
 import inspect
@@ -64,6 +65,17 @@ def no_such_flag(script: str, flag: str, known: list[str]) -> UsageError:
     close = difflib.get_close_matches(name.replace("-", "_"), known, n=1)
     hint = f"did you mean --{close[0]}? " if close else ""
     return UsageError(f"{script} has no flag --{name}; {hint}`python {script} --help` lists its flags")
+
+
+def script_flags(path: str) -> list[str]:
+    """The flags of a script that ends in `run_cli(fn)`: the parameters of `fn`, read from the script's source
+    (importing it would load torch)."""
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    entry = next(node.args[0].id for node in ast.walk(tree)
+                 if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "run_cli")
+    function = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == entry)
+    return [arg.arg for arg in function.args.args]
 
 
 TRUE, FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")

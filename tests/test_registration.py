@@ -1,6 +1,5 @@
 """Our adapter methods register with peft wherever adapters are built or loaded, each time in a fresh
 interpreter (in this one, some earlier import has long registered them), and the small modules stay cheap."""
-import ast
 import os
 import re
 import subprocess
@@ -84,14 +83,12 @@ def test_the_scripts_start_without_third_party_noise(script):
 def test_help_describes_every_flag(script):
     """Every parameter of the function a script runs (the argument of its `run_cli`) is listed by --help and
     followed by a line saying what it does."""
-    tree = ast.parse(open(os.path.join(ROOT, script)).read())
-    entry = next(node.args[0].id for node in ast.walk(tree)
-                 if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "run_cli")
-    function = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == entry)
+    from peft_ext.errors import script_flags
+
     done = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "PAGER": "cat"}, timeout=300)
     lines = (done.stdout + done.stderr).splitlines()
-    for name in [arg.arg for arg in function.args.args]:
+    for name in script_flags(os.path.join(ROOT, script)):
         at = next((i for i, line in enumerate(lines) if re.match(rf"\s+(-\w, )?--{name}=", line)), None)
         assert at is not None, f"{script}: --{name} is missing from --help"
         described = [line for line in lines[at + 1:at + 4]
