@@ -33,11 +33,10 @@ import transformers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback, set_seed  # noqa: E402
 
 from peft_ext import adapters, bundled, training  # noqa: E402
-from peft_ext.data import load_data, tokenize  # noqa: E402
-from peft_ext.errors import UsageError  # noqa: E402
+from peft_ext.data import tokenize  # noqa: E402
 from peft_ext.modeling import load_base_model, load_tokenizer, parameter_counts  # noqa: E402
 from peft_ext.prompts import Prompter  # noqa: E402
-from train_throughput import ADAPTER_DEFAULTS  # noqa: E402  (this folder: the script's own)
+from train_throughput import ADAPTER_DEFAULTS, read_data  # noqa: E402  (this folder: the script's own)
 
 SHAPES = {
     "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -164,10 +163,7 @@ def main():
     args = parser.parse_args()
     transformers.logging.set_verbosity_error()
 
-    try:
-        records = load_data(args.data_path)
-    except UsageError as e:  # argparse's one line and exit status 2, as the scripts give
-        parser.error(f"{e} (the default is LLM-Adapters' math_data.json in ../shared/data/train/ beside a checkout)")
+    records = read_data(parser, args.data_path)
     model_dir = make_model(args.shape, os.path.join(args.work_dir, args.shape))
     tokenizer = load_tokenizer(model_dir)
     records = records.select(range(min(len(records), args.batch_size * (args.skip + args.steps))))

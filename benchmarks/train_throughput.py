@@ -219,6 +219,14 @@ def markdown(summary: dict, meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def read_data(parser, data_path: str):
+    """load_data's records, or argparse's one-line error and exit status 2, as the scripts give."""
+    try:
+        return load_data(data_path)
+    except UsageError as e:
+        parser.error(f"{e} (the default is LLM-Adapters' math_data.json in ../shared/data/train/ beside a checkout)")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base_model", default=os.path.join(ROOT, "models", "tiny-math"))
@@ -240,10 +248,7 @@ def main():
     transformers.logging.set_verbosity_error()
 
     tokenizer = load_tokenizer(args.base_model)
-    try:
-        records = load_data(args.data_path)
-    except UsageError as e:  # argparse's one line and exit status 2, as the scripts give
-        parser.error(f"{e} (the default is LLM-Adapters' math_data.json in ../shared/data/train/ beside a checkout)")
+    records = read_data(parser, args.data_path)
     records = records.select(range(args.examples + args.eval_examples))
     encoded = tokenize(records, tokenizer, Prompter.load("alpaca"), args.cutoff_len, train_on_inputs=True)
     train_set = encoded.select(range(args.examples))
