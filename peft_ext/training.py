@@ -222,6 +222,11 @@ def resumed_at_the_end(trainer, checkpoint: str, output_dir: str) -> int | None:
     return done if done >= planned else None
 
 
+def checkpoint_file(args, state, name: str) -> str:
+    """A file of ours in the checkpoint-N/ folder the Trainer has just saved."""
+    return os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}", name)
+
+
 class RunClock(TrainerCallback):
     """The run's seconds (training, wall, CPU) across resumes: each checkpoint-N/ keeps the totals up to its step
     (FILE), and a run resumed from it counts on from them, so that run.json times the whole run."""
@@ -234,11 +239,12 @@ class RunClock(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         path = os.path.join(self.resume_dir or "", self.FILE)
-        if self.resume_dir and os.path.isfile(path):
+        kept = bool(self.resume_dir) and os.path.isfile(path)
+        if kept:
             with open(path) as f:
                 self.before = json.load(f)
         # a checkpoint from before the clock was kept: the time before it is unknown
-        self.whole_run = not state.global_step or os.path.isfile(path)
+        self.whole_run = kept or not state.global_step
         self.train_start, self.resumed_at, self.tokens_before = time.perf_counter(), state.global_step, state.num_input_tokens_seen
 
     def totals(self, training: bool = True) -> dict:
@@ -250,7 +256,7 @@ class RunClock(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            write_json_atomic(os.path.join(args.output_dir, f"checkpoint-{state.global_step}", self.FILE), self.totals())
+            write_json_atomic(checkpoint_file(args, state, self.FILE), self.totals())
 
     def on_train_end(self, args, state, control, **kwargs):
         self.train_end = time.perf_counter()
@@ -271,7 +277,7 @@ class TrainableState(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             tensors = {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
-            save_file(tensors, os.path.join(args.output_dir, f"checkpoint-{state.global_step}", self.FILE))
+            save_file(tensors, checkpoint_file(args, state, self.FILE))
 
     def on_train_begin(self, args, state, control, **kwargs):
         path = os.path.join(self.resume_dir or "", self.FILE)
