@@ -163,11 +163,13 @@ def training_sets(data: Dataset, val_set_size, seed: int, tokenizer, prompter: P
                   train_on_inputs: bool) -> tuple[Dataset, Dataset | None]:
     """(train, validation or None) as model inputs. Records are held out before they are tokenized; raw text,
     which is one record, as whole blocks of `cutoff_len` tokens once it is cut into them."""
+    def encoded(part: Dataset) -> Dataset:
+        return tokenize(part, tokenizer, prompter, cutoff_len, train_on_inputs)
+
     if "text" in data.column_names:
-        return split_validation(tokenize(data, tokenizer, prompter, cutoff_len, train_on_inputs), val_set_size, seed)
+        return split_validation(encoded(data), val_set_size, seed)
     train, val = split_validation(data, val_set_size, seed)
-    return (tokenize(train, tokenizer, prompter, cutoff_len, train_on_inputs),
-            tokenize(val, tokenizer, prompter, cutoff_len, train_on_inputs) if val is not None else None)
+    return encoded(train), encoded(val) if val is not None else None
 
 
 def tokenize(data: Dataset, tokenizer, prompter: Prompter, cutoff_len: int, train_on_inputs: bool) -> Dataset:
