@@ -9,7 +9,7 @@ import os
 from datasets import Dataset
 
 from peft_ext.errors import UsageError
-from peft_ext.files import read_records
+from peft_ext.files import read_records, read_text
 from peft_ext.prompts import Prompter
 
 IGNORE_INDEX = -100  # label of a token that carries no loss
@@ -71,8 +71,7 @@ def load_data(data_path: str) -> Dataset:
         return _records_dataset(train)
     if os.path.isfile(path):
         if path.endswith(".txt"):
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
+            text = read_text(path)
             if not text.strip():
                 raise UsageError(f"{data_path} is empty; give a text file with content")
             return Dataset.from_list([{"text": text}])

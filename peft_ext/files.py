@@ -9,14 +9,18 @@ import tempfile
 from peft_ext.errors import UsageError
 
 
+def read_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path} is not UTF-8 text ({e}); save it as UTF-8") from None
+
+
 def read_records(path: str) -> list:
     """The records of a data file: a JSON list (or {"data": [...]}, or a single record), or JSON Lines, which a
     `.jsonl` file always is (a one-line JSON Lines file is also valid JSON: one object, not a list)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except UnicodeDecodeError as e:
-        raise UsageError(f"{path} is not UTF-8 text ({e}); save it as UTF-8") from None
+    text = read_text(path)
     if path.endswith(".jsonl"):
         data = _json_lines(path, text)
     else:

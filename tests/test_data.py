@@ -120,6 +120,9 @@ def test_load_data_formats(tmp_path):
     assert load_data(str(tmp_path / "c.json"))[0]["conversations"][1]["value"] == "hello"
     (tmp_path / "one.jsonl").write_text(json.dumps(RECORD) + "\n")  # also valid JSON: one object, not a list
     assert load_data(str(tmp_path / "one.jsonl"))["instruction"] == [RECORD["instruction"]]
+    (tmp_path / "latin1.txt").write_bytes("café au lait ".encode("latin-1") * 50)
+    with pytest.raises(UsageError, match="latin1.txt is not UTF-8 text .*; save it as UTF-8"):
+        load_data(str(tmp_path / "latin1.txt"))
     (tmp_path / "bad.jsonl").write_text(json.dumps(RECORD) + "\n{oops\n")
     with pytest.raises(UsageError, match="bad.jsonl is neither JSON nor JSON Lines \\(line 2: "):
         load_data(str(tmp_path / "bad.jsonl"))
