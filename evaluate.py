@@ -19,7 +19,7 @@ from peft_ext.evaluation import (
     paper_table,
     resolve_tasks,
 )
-from peft_ext.files import run_folder, write_text_atomic
+from peft_ext.files import check_writable, run_folder, write_text_atomic
 from peft_ext.modeling import parse_dtype
 
 
@@ -94,11 +94,12 @@ def main(
                          "--max_examples at least 0")
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise UsageError(f"--output_dir {output_dir!r} is a file; choose a folder")
+    check_writable(output_dir)
     torch_dtype = parse_dtype(dtype)
     checkpoint = resolve_checkpoint(base_model, adapter_dir_flag(lora_weights, weights_path), prompt_template_name)
     tasks, missing = resolve_tasks(dataset, data_dir, max_examples, skip_missing)
     model_label = model or os.path.basename(os.path.normpath(checkpoint.base_model))
-    adapter_label = adapter or (os.path.basename(os.path.normpath(checkpoint.adapter_dir)) if checkpoint.adapter_dir else "base")
+    adapter_label = adapter or checkpoint.adapter_label
     run = Evaluation(
         run_dir=os.path.join(output_dir, run_folder(model_label, adapter_label)),
         identity={**checkpoint.identity(torch_dtype), "load_8bit": load_8bit, "load_4bit": load_4bit},
@@ -122,6 +123,7 @@ def main(
             scored = metrics[task.benchmark.name]
             if scored and "scored_from" in scored:
                 metrics[task.benchmark.name] = run.save_scored(task, scored, ranks.world)
+                append_result(output_dir, metrics[task.benchmark.name], model_label, adapter_label, checkpoint.prompter.name)
 
     # load (only when there is work: a finished run answers in seconds)
     if pending:
@@ -131,11 +133,7 @@ def main(
     for task in pending:
         metrics[task.benchmark.name] = result = run.run(task, lm, tokenizer, checkpoint.prompter, ranks)
         if ranks.main:
-            append_result(output_dir, {
-                **result, **result["settings"],
-                "model": model_label, "adapter": adapter_label, "accuracy": round(100 * result["accuracy"], 2),
-                "batch_size": batch_size, "prompt_template": checkpoint.prompter.name,
-            })
+            append_result(output_dir, result, model_label, adapter_label, checkpoint.prompter.name)
     ranks.close()
     if not ranks.main:
         return
@@ -145,6 +143,8 @@ def main(
         m = metrics[task.benchmark.name]
         if m.get("scored_from", 0) > m["n"]:
             how = f" (the first {m['n']} of {m['scored_from']} saved predictions)"
+        elif "scored_from" in m:
+            how = " (scored again from its saved predictions)"
         else:
             how = f", {m['examples_per_s']:.2f} examples/s" if task in pending and m["examples_per_s"] else " (done before)"
         print(f"{task.benchmark.name}: {100 * m['accuracy']:.1f}% ({m['correct']}/{m['n']}){how}"

@@ -21,8 +21,10 @@ from peft_ext.errors import UsageError
 ANSWER_RULES = ("strict", "paper")
 NUMBER = re.compile(r"-?[0-9]+\.?[0-9]*")
 TOLERANCE = 0.001
-# "the answer is (C)", "Answer is: C"; the letter must not start a word ("answer is A train").
-ANSWER_IS = re.compile(r"(?i:answer\s+is)\s*:?\s*\(?([A-E])(?![A-Za-z])(?!\s+[a-z])")
+# "the answer is (C)", "Answer is: C because ..."; the letter must not start a word, nor be the article "A" of
+# "answer is A train ..." (but "answer is A because ..." is an answer).
+ANSWER_IS = re.compile(r"(?i:answer\s+is)\s*:?\s*\(?([B-E]|A(?!\s+(?!(?:because|since|as|and|or|but|so|which)\b)[a-z]))"
+                       r"(?![A-Za-z])")
 # An option letter standing alone: "(C)", "C)", or "C" before punctuation or the end of the text.
 OPTION_LETTER = re.compile(r"\(([A-E])\)|(?<![A-Za-z])([A-E])(?:\)|(?=[.,;:!?]|\s*$))")
 FIRST_CAPITAL = re.compile(r"[A-E]")
@@ -48,19 +50,26 @@ class Benchmark:
         if prediction is None:
             return False
         if self.kind == "number":
-            return abs(prediction - float(answer)) <= TOLERANCE
+            return abs(prediction - as_number(answer)) <= TOLERANCE
         return prediction == answer.strip()
 
     def check_answer(self, answer) -> str | None:
         """Why a record's `answer` cannot be scored by this set's kind, or None when it can."""
         if not isinstance(answer, str | int | float) or isinstance(answer, bool):
             return f"answer {answer!r} is not a string or number"
+        if not str(answer).strip():
+            return "its answer is empty"
         if self.kind == "number":
             try:
-                float(answer)
+                as_number(answer)
             except ValueError:
                 return f"answer {answer!r} is not a number"
         return None
+
+
+def as_number(answer) -> float:
+    """A number answer of a data file, "1,000" included (a response's number is read the same way)."""
+    return float(str(answer).replace(",", ""))
 
 
 def last_number(response: str) -> float | None:
@@ -143,7 +152,7 @@ def infer(name: str, answers: list) -> Benchmark:
     """The row of a set we do not know, from its answers: numbers, option letters A-E, or label words."""
     def is_number(value) -> bool:
         try:
-            float(value)
+            as_number(value)
             return True
         except (TypeError, ValueError):
             return False

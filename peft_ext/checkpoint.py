@@ -22,9 +22,10 @@ from peft_ext.modeling import (
     load_tokenizer,
     read_adapter_config,
 )
-from peft_ext.prompts import TEMPLATE_FILE, Prompter
+from peft_ext.prompts import TEMPLATE_FILE, Prompter, text_fields
 
 RUN_FILE = "run.json"
+CHECKPOINT_FOLDER = re.compile(r"checkpoint-\d+")  # what the Trainer saves during a run
 TOKENIZER_FILE = "tokenizer_config.json"
 
 
@@ -42,6 +43,16 @@ class Checkpoint:
             return self.adapter_dir
         return self.base_model
 
+    @property
+    def adapter_label(self) -> str:
+        """The adapter's name in evaluate.py's folders and tables: its folder's name, with its run's before it for a
+        checkpoint-N/ (every run has a checkpoint-200), or "base" for the base model alone."""
+        if not self.adapter_dir:
+            return "base"
+        folder = os.path.abspath(self.adapter_dir)
+        name = os.path.basename(folder)
+        return f"{os.path.basename(os.path.dirname(folder))}-{name}" if CHECKPOINT_FOLDER.fullmatch(name) else name
+
     def identity(self, dtype: torch.dtype) -> dict:
         """What decides the model's outputs, to tell whether saved predictions came from this model."""
         return {
@@ -49,7 +60,7 @@ class Checkpoint:
             "base_model_files": weights_fingerprint(self.base_model, content=False),
             "lora_weights": _canonical(self.adapter_dir) if self.adapter_dir else None,
             "lora_weights_sha256": weights_fingerprint(self.adapter_dir, content=True) if self.adapter_dir else None,
-            "prompt_template": self.prompter.template,
+            "prompt_template": text_fields(self.prompter.template),
             "dtype": str(dtype).removeprefix("torch."),
         }
 
@@ -121,7 +132,7 @@ def _run_dir(adapter_dir: str) -> str:
     """Where an adapter's run record and template are: its own folder, or for a `checkpoint-N/` saved during
     training (which holds neither) the run's folder above it."""
     parent = os.path.dirname(os.path.abspath(adapter_dir))
-    if re.fullmatch(r"checkpoint-\d+", os.path.basename(os.path.abspath(adapter_dir))) and not os.path.isfile(
+    if CHECKPOINT_FOLDER.fullmatch(os.path.basename(os.path.abspath(adapter_dir))) and not os.path.isfile(
             os.path.join(adapter_dir, TEMPLATE_FILE)) and os.path.isfile(os.path.join(parent, TEMPLATE_FILE)):
         return parent
     return adapter_dir
@@ -129,7 +140,7 @@ def _run_dir(adapter_dir: str) -> str:
 
 def adapter_dir_flag(lora_weights: str, weights_path: str) -> str:
     """The checkpoint directory from --lora_weights or the seed's --weights_path ("" for none)."""
-    if lora_weights and weights_path and lora_weights != weights_path:
+    if lora_weights and weights_path and os.path.normpath(lora_weights) != os.path.normpath(weights_path):
         raise UsageError("--lora_weights and --weights_path name the same thing; give one")
     return lora_weights or weights_path
 

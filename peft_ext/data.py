@@ -10,7 +10,7 @@ from datasets import Dataset
 
 from peft_ext.errors import UsageError
 from peft_ext.files import read_records, read_text
-from peft_ext.prompts import Prompter
+from peft_ext.prompts import Prompter, check_input
 
 IGNORE_INDEX = -100  # label of a token that carries no loss
 
@@ -36,9 +36,7 @@ def _check_records(records: list, path: str) -> None:
                 f"record {i} of {path} {problem}; "
                 "records need 'instruction' and 'output' strings (or ShareGPT 'conversations')"
             )
-        if not isinstance(r.get("input"), (str, int, float, type(None))) or isinstance(r.get("input"), bool):
-            raise UsageError(f"record {i} of {path} has an 'input' that is a {type(r['input']).__name__}, not text; "
-                             "give the input as a string")
+        check_input(r, f"record {i} of {path}")
 
 
 def _records_dataset(path: str) -> Dataset:

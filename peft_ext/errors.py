@@ -1,6 +1,7 @@
 """Bad input ends a script with one clear line on stderr and a non-zero exit, never a traceback; so does Ctrl-C."""
 import ast
 import difflib
+import errno
 import functools
 import inspect
 import os
@@ -17,9 +18,18 @@ class UsageError(Exception):
     """An input problem the user can fix; its message names the problem and the fix."""
 
 
+# A disk that fills up or turns read-only mid-run is the machine's problem, not the code's: one line, no traceback.
+DISK_ERRORS = {
+    errno.ENOSPC: "free some space, or choose another output folder, and run the command again",
+    errno.EDQUOT: "free some of your quota, or choose another output folder, and run the command again",
+    errno.EROFS: "the disk is read-only: choose another output folder",
+}
+
+
 def run_cli(fn, interrupted: str = "") -> None:
-    """`fire.Fire(fn)`, turning a UsageError into `error: ...` on stderr and exit status 2, and Ctrl-C into
-    `interrupted: ...` (what is kept and how to go on, as `interrupted` says) and the shell's status 130."""
+    """`fire.Fire(fn)`, turning a UsageError into `error: ...` on stderr and exit status 2, a full or read-only
+    disk into `error: ...` and status 1, and Ctrl-C into `interrupted: ...` (what is kept and how to go on, as
+    `interrupted` says) and the shell's status 130."""
     try:
         args = sys.argv[1:]
         if "-h" in args or "--help" in args:
@@ -30,6 +40,12 @@ def run_cli(fn, interrupted: str = "") -> None:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:
+        if e.errno not in DISK_ERRORS:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {e.strerror}{where}; {DISK_ERRORS[e.errno]}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         for bar in list(getattr(tqdm, "_instances", ())):  # closed now, not redrawn at exit below the message
             bar.close()

@@ -20,6 +20,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+try:
+    import fcntl  # POSIX: a lock on results.csv's folder
+except ImportError:  # Windows: runs that finish at the same moment may each write a header
+    fcntl = None
+
 import torch
 from tqdm import tqdm
 
@@ -29,6 +34,7 @@ from peft_ext.distributed import end_process_group
 from peft_ext.errors import UsageError
 from peft_ext.files import atomic_open, read_records, write_json_atomic
 from peft_ext.generation import SharedPrefix, decoding_config, stream
+from peft_ext.prompts import check_input, text_fields
 
 PREDICTIONS = "predictions.jsonl"
 SETTINGS = "settings.json"
@@ -73,9 +79,9 @@ def resolve_tasks(spec, data_dir: str, max_examples: int = 0, skip_missing: bool
                 wanted.append((benchmark, os.path.join(data_dir, benchmark.name, "test.json")))
     tasks, missing, seen = [], [], set()
     for benchmark, path in wanted:
-        if path in seen:
+        if os.path.realpath(path) in seen:
             continue
-        seen.add(path)
+        seen.add(os.path.realpath(path))
         if os.path.isfile(path):
             tasks.append(load_task(path, benchmark, max_examples))
         elif benchmark and skip_missing:
@@ -86,6 +92,13 @@ def resolve_tasks(spec, data_dir: str, max_examples: int = 0, skip_missing: bool
                 f"{where}; data/README.md says how to fetch it"
                 + (", point --data_dir at the folder that holds it, or pass --skip_missing True" if benchmark else "")
             )
+    by_name = {}
+    for task in tasks:  # a set's name is its folder and its key in the tables
+        other = by_name.setdefault(task.benchmark.name.lower(), task)
+        if other is not task:
+            raise UsageError(f"{other.path} and {task.path} would both be scored as {task.benchmark.name!r}, into one "
+                             "folder; rename one (a file's name, or a test.json's folder, names its set) or score them "
+                             "in separate commands with separate --output_dir")
     return tasks, missing
 
 
@@ -99,6 +112,7 @@ def load_task(path: str, benchmark: Benchmark | None, max_examples: int = 0) -> 
             raise UsageError(f"{path}: record {i} has no 'instruction' text; each record needs instruction and answer")
         if "answer" not in record:
             raise UsageError(f"{path}: record {i} has no 'answer'; each record needs instruction and answer")
+        check_input(record, f"{path}: record {i}")
     if benchmark is None:
         folder, stem = os.path.basename(os.path.dirname(os.path.abspath(path))), os.path.splitext(os.path.basename(path))[0]
         name = folder if stem == "test" else stem
@@ -220,27 +234,44 @@ class Evaluation:
         saved = read_json(os.path.join(folder, SETTINGS))
         if saved is None or not predictions:
             return predictions
+        if isinstance(saved.get("prompt_template"), dict):  # earlier versions kept its name and description too
+            saved["prompt_template"] = text_fields(saved["prompt_template"])
         current = json.loads(json.dumps(self.settings(task)))
-        # a setting that an earlier version did not record is not taken as changed
-        changed = sorted(k for k in current if k in saved and saved[k] != current[k])
+        # A setting that an earlier version did not record is not taken as changed. The answer rule reads the saved
+        # responses again (`rescored`): changing it needs no new predictions.
+        changed = {k for k in current if k in saved and saved[k] != current[k]} - {"answer_rule"}
+        if "lora_weights" in changed and saved.get("lora_weights_sha256") == current["lora_weights_sha256"]:
+            changed.discard("lora_weights")  # the same adapter, moved or reached by another path
+        if {"base_model", "lora_weights"} & changed:
+            made_by = f"the adapter {saved['lora_weights']}" if saved.get("lora_weights") else f"the model {saved['base_model']} alone"
+            raise UsageError(f"{folder} holds the predictions of {made_by}: give this run a folder of its own with "
+                             "--adapter LABEL (or --model LABEL), or choose another --output_dir")
         if changed:
-            why = "; the model's weight files changed since" if {"base_model_files", "lora_weights_sha256"} & set(changed) else ""
+            why = "; the model's weight files changed since" if {"base_model_files", "lora_weights_sha256"} & changed else ""
             raise UsageError(
-                f"{self.task_dir(task)} holds predictions made with other settings ({', '.join(changed)} differ{why}); "
+                f"{folder} holds predictions made with other settings ({', '.join(sorted(changed))} differ{why}); "
                 "pass --overwrite True to discard them, or choose another --output_dir"
             )
         return predictions
 
+    def rescored(self, task: Task, record: dict) -> dict:
+        """A saved prediction read again under this run's answer rule, on which only a letter set's answer depends."""
+        if task.benchmark.kind != "letter":
+            return record
+        prediction = task.benchmark.extract(record["response"], self.answer_rule)
+        return {**record, "prediction": prediction, "correct": task.benchmark.is_correct(prediction, record["label"])}
+
     def finished(self, task: Task) -> dict | None:
         """The metrics of this set if it is done with these settings, without the model: as saved, or, when every
         example has its prediction but metrics.json is not about these examples (`--max_examples N` after a longer
-        or a shorter run, or a stop just before it was written), scored from the predictions and marked with
-        "scored_from", the number of predictions saved; `save_scored` then writes them."""
+        or a shorter run, another --answer_rule, or a stop just before it was written), scored from the predictions
+        and marked with "scored_from", the number of predictions saved; `save_scored` then writes them."""
         predictions = self.check_settings(task)
         metrics = read_json(os.path.join(self.task_dir(task), METRICS))
-        if metrics and metrics.get("n") == len(task.examples):
+        rule = self.settings(task)["answer_rule"]
+        if metrics and metrics.get("n") == len(task.examples) and metrics.get("settings", {}).get("answer_rule") == rule:
             return metrics
-        by_index = {r["index"]: r for r in predictions}
+        by_index = {r["index"]: self.rescored(task, r) for r in predictions}
         if by_index and all(i in by_index for i in range(len(task.examples))):
             metrics = self._metrics(task, by_index, generated=0, resumed=len(task.examples), seconds=0.0, world=1)
             return {**metrics, "scored_from": len(by_index)}
@@ -280,7 +311,8 @@ class Evaluation:
         prefix = SharedPrefix(mine_rows) if mine else None
 
         start, correct, scored, synced = time.perf_counter(), 0, 0, time.monotonic()
-        bar = tqdm(total=len(mine), desc=benchmark.name, disable=not ranks.main, dynamic_ncols=True)
+        desc = benchmark.name if ranks.world == 1 else f"{benchmark.name} (rank 0's share)"
+        bar = tqdm(total=len(mine), desc=desc, disable=not ranks.main, dynamic_ncols=True)
         with bar, open(log, "a") as out:  # the bar closes on Ctrl-C too, so it is not redrawn after the message
             for finished in stream_backing_off(model, tokenizer, mine_rows, config, self.batch_size, prefix, benchmark.name):
                 for j, response in finished:
@@ -301,7 +333,8 @@ class Evaluation:
         ranks.barrier()
         if not ranks.main:
             return None
-        return self._finish(task, len(pending), len(done), time.perf_counter() - start, ranks.world)
+        resumed = sum(i < len(task.examples) for i in done)  # not the saved predictions of a longer run
+        return self._finish(task, len(pending), resumed, time.perf_counter() - start, ranks.world)
 
     def _all_predictions(self, folder: str) -> list[dict]:
         files = [PREDICTIONS] + sorted(f for f in os.listdir(folder) if f.startswith("predictions.rank"))
@@ -310,7 +343,7 @@ class Evaluation:
     def _finish(self, task: Task, generated: int, resumed: int, seconds: float, world: int) -> dict:
         """Merge the rank files into one predictions.jsonl in data order; write metrics.json."""
         folder = self.task_dir(task)
-        by_index = {r["index"]: r for r in self._all_predictions(folder)}
+        by_index = {r["index"]: self.rescored(task, r) for r in self._all_predictions(folder)}
         merged = [by_index[i] for i in sorted(by_index)]
         with atomic_open(os.path.join(folder, PREDICTIONS)) as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in merged)
@@ -378,27 +411,36 @@ def stream_backing_off(model, tokenizer, rows: list[list[int]], config, batch_si
 # ---- results tables
 
 
-def append_result(output_dir: str, row: dict) -> str:
-    """Add one finished set to OUTPUT/results.csv (created with its header); returns the path. A file from an
-    earlier version first gets the columns it lacks, at its end (its rows and any columns of its own kept)."""
+def append_result(output_dir: str, result: dict, model: str, adapter: str, prompt_template: str) -> str:
+    """Add one finished set (its metrics) to OUTPUT/results.csv, created with its header; returns the path. A file
+    from an earlier version first gets the columns it lacks, at its end (its rows and any columns of its own kept).
+    Runs that finish at the same moment take turns (a lock on the folder), so none writes a second header."""
+    row = {**result, **result["settings"], "model": model, "adapter": adapter,
+           "accuracy": round(100 * result["accuracy"], 2), "prompt_template": prompt_template}
     path = os.path.join(output_dir, RESULTS)
-    fields = RESULT_FIELDS
-    if os.path.isfile(path):
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            header, rows = list(reader.fieldnames or []), list(reader)
-        fields = header + [name for name in RESULT_FIELDS if name not in header]
-        if fields != header:
-            with atomic_open(path, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=fields)
+    folder = os.open(output_dir, os.O_RDONLY)
+    try:
+        if fcntl:
+            fcntl.flock(folder, fcntl.LOCK_EX)
+        fields = RESULT_FIELDS
+        if os.path.isfile(path):
+            with open(path, newline="") as f:
+                reader = csv.DictReader(f)
+                header, rows = list(reader.fieldnames or []), list(reader)
+            fields = header + [name for name in RESULT_FIELDS if name not in header]
+            if fields != header:
+                with atomic_open(path, "w", newline="") as f:
+                    writer = csv.DictWriter(f, fieldnames=fields)
+                    writer.writeheader()
+                    writer.writerows(rows)
+        new = not os.path.isfile(path)
+        with open(path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            if new:
                 writer.writeheader()
-                writer.writerows(rows)
-    new = not os.path.isfile(path)
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+            writer.writerow(row)
+    finally:
+        os.close(folder)  # and the lock with it
     return path
 
 

@@ -16,6 +16,7 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft_ext import sibo, tuners  # noqa: F401  (tuners: registers our methods with peft)
 from peft_ext.checkpoint import Checkpoint, adapter_dir_flag, load_for_inference, resolve_checkpoint
 from peft_ext.errors import UsageError
+from peft_ext.files import check_writable
 from peft_ext.modeling import load_config, read_adapter_config
 
 
@@ -78,6 +79,7 @@ def check_output_dir(output_dir: str, overwrite: bool, checkpoint: Checkpoint) -
             )
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise UsageError(f"--output_dir {output_dir!r} is a file; choose a folder")
+    check_writable(os.path.dirname(os.path.abspath(output_dir)))  # the export is staged beside it, then moved in
     if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
         raise UsageError(f"--output_dir {output_dir!r} exists and is not empty; pass --overwrite to replace it")
 

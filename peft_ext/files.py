@@ -9,6 +9,18 @@ import tempfile
 from peft_ext.errors import UsageError
 
 
+def check_writable(folder: str, flag: str = "--output_dir") -> None:
+    """Refuse an output folder that cannot be written (a read-only disk, another user's folder) before any long
+    work, without creating anything: the folder if it exists, else the nearest folder above it."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f"{flag} {folder!r} cannot be made: {existing} is a file; choose another {flag}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {folder!r} cannot be written ({existing} is read-only or not yours); choose another {flag}")
+
+
 def read_text(path: str) -> str:
     try:
         with open(path, encoding="utf-8") as f:

@@ -14,6 +14,18 @@ PLACEHOLDERS = {"prompt_input": {"instruction", "input"}, "prompt_no_input": {"i
                 "chat_user": {"message"}, "chat_assistant": {"message"}, "chat_system": set(), "response_split": set()}
 
 
+def text_fields(template: dict) -> dict:
+    """What of a template decides the text a model sees: all of it but its name and description."""
+    return {key: value for key, value in template.items() if key not in ("name", "description")}
+
+
+def check_input(record: dict, where: str) -> None:
+    """Refuse an 'input' that a prompt cannot hold as text: a list, an object, true or false."""
+    value = record.get("input")
+    if not isinstance(value, str | int | float | None) or isinstance(value, bool):
+        raise UsageError(f"{where} has an 'input' that is a {type(value).__name__}, not text; give the input as a string")
+
+
 def available_templates() -> list[str]:
     return sorted(p.stem for p in TEMPLATES_DIR.glob("*.json"))
 

@@ -20,7 +20,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from peft_ext import packing as packing_module
 from peft_ext.adapters import resolve
 from peft_ext.errors import UsageError
-from peft_ext.files import write_json_atomic
+from peft_ext.files import check_writable, write_json_atomic
 from peft_ext.modeling import ADAPTER_CONFIG, load_adapter, precision, read_adapter_config
 
 # The finetune flags that describe the adapter; they travel together to peft_ext.adapters.build.
@@ -83,6 +83,7 @@ def resume_plan(resume_from_checkpoint, output_dir: str, overwrite: bool) -> Res
     """Decide how this run starts, refusing to silently train over an earlier run's files."""
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise UsageError(f"--output_dir {output_dir!r} is a file; give a directory path")
+    check_writable(output_dir)
     if os.path.isfile(os.path.join(output_dir, TRAINER_STATE)):  # a run's checkpoint-N/ would mix two runs' files
         parent = os.path.dirname(os.path.normpath(output_dir)) or "."
         raise UsageError(f"--output_dir {output_dir!r} is a checkpoint of a run; to continue that run pass "

@@ -37,6 +37,7 @@ def test_number_scoring_tolerance_and_labels():
     assert SVAMP.is_correct(-15.0, "-15.0")
     assert not SVAMP.is_correct(None, "8")
     assert SVAMP.is_correct(SVAMP.extract("The answer is 1,000."), "1000")
+    assert SVAMP.is_correct(1000.0, "1,000") and SVAMP.check_answer("1,000") is None  # a data file's "1,000"
 
 
 @pytest.mark.parametrize(
@@ -48,6 +49,9 @@ def test_number_scoring_tolerance_and_labels():
         ("Bob and Dan share it equally. (E)", "E", "B"),
         ("The answer is: a", None, None),  # a lowercase letter is not an option
         ("The answer is A train", None, "A"),  # an article after "answer is" is not an answer
+        ("The answer is C because 5 > 3.", "C", "C"),  # only "A" can be an article: C is the answer
+        ("The answer is A because the rate doubles.", "A", "A"),
+        ("The answer is B and not A.", "B", "B"),
         ("It is (A) or maybe (D).", "D", "A"),  # no "answer is": the last option letter
         ("The answer is (B). Check: option E) is too big.", "B", "B"),  # "answer is" wins over later letters
         ("A long computation without a conclusion", None, "A"),
@@ -95,5 +99,7 @@ def test_infer_kind_of_an_unknown_set():
     assert answers.infer("mine", ["3", "4.5", -2]).kind == "number"
     assert answers.infer("mine", ["A", "C"]).kind == "letter"
     assert answers.infer("mine", ["AB", "C"]).kind == "label"
+    assert answers.infer("mine", ["1,000", "12"]).kind == "number"
+    assert answers.infer("mine", ["", "yes"]).check_answer("") == "its answer is empty"  # it would match anything
     labels = answers.infer("mine", ["answer1", "answer10", "answer2"])
     assert labels.kind == "label" and labels.extract("answer10") == "answer10"

@@ -1,8 +1,10 @@
 """evaluate.py end to end on tiny random models and a few real examples of ../shared/data/eval."""
 import csv
+import errno
 import importlib.util
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import signal
@@ -455,6 +457,12 @@ def test_bad_input_gives_one_line(tmp_path, checkpoint, tiny_model_dir, data_dir
     bad_number.parent.mkdir()
     bad_number.write_text(json.dumps([{"instruction": "How many?", "input": "", "answer": "many"}]))
     assert "is not a number" in cli(monkeypatch, capsys, "--lora_weights", checkpoint, "--dataset", str(bad_number), *out)
+    empty_answer = tmp_path / "empty_answer.json"  # an empty label would match every response
+    empty_answer.write_text(json.dumps([{"instruction": "Pick", "answer": ""}, {"instruction": "Pick", "answer": "yes"}]))
+    assert "record 0: its answer is empty" in cli(monkeypatch, capsys, "--lora_weights", checkpoint, "--dataset", str(empty_answer), *out)
+    list_input = tmp_path / "list_input.json"
+    list_input.write_text(json.dumps([{"instruction": "Sum these", "input": [1, 2], "answer": "3"}]))
+    assert "has an 'input' that is a list, not text" in cli(monkeypatch, capsys, "--lora_weights", checkpoint, "--dataset", str(list_input), *out)
     assert "--dataset is required" in cli(monkeypatch, capsys, "--lora_weights", checkpoint, *out)
     assert "give one" in cli(monkeypatch, capsys, "--lora_weights", checkpoint, "--weights_path", str(tmp_path), "--dataset", "SVAMP", *out)
     assert "answer_rule" in cli(monkeypatch, capsys, "--lora_weights", checkpoint, "--dataset", "AQuA", "--answer_rule", "first", *out)
@@ -462,6 +470,108 @@ def test_bad_input_gives_one_line(tmp_path, checkpoint, tiny_model_dir, data_dir
     assert "is a file" in cli(monkeypatch, capsys, "--lora_weights", checkpoint, "--dataset", "SVAMP", "--data_dir", data_dir, "--output_dir", str(tmp_path / "a_file"))
     assert "--max_examples at least 0" in cli(monkeypatch, capsys, "--lora_weights", checkpoint, "--dataset", "SVAMP", "--max_examples", "-3", *out)
     assert "--dtype 'float64' is not one of auto, float32" in cli(monkeypatch, capsys, "--lora_weights", checkpoint, "--dataset", "SVAMP", "--dtype", "float64", *out)
+
+
+def test_two_sets_of_one_name_are_refused(tmp_path, checkpoint, data_dir, monkeypatch, capsys):
+    """A file named gsm8k.json beside the real GSM8K would share its folder, and be scored with its predictions;
+    one file named twice (by name and by a relative path) is one set."""
+    mine = tmp_path / "mine" / "gsm8k.json"
+    mine.parent.mkdir()
+    mine.write_text(json.dumps([{"instruction": "What is 2 + 2?", "input": "", "answer": "4"}]))
+    err = cli(monkeypatch, capsys, "--lora_weights", checkpoint, "--dataset", f"gsm8k,{mine}", "--data_dir", data_dir,
+              "--output_dir", str(tmp_path / "out"))
+    assert f"/gsm8k/test.json and {mine} would both be scored as 'gsm8k'" in err
+    tasks, _ = evaluation.resolve_tasks(f"AddSub,{os.path.relpath(os.path.join(data_dir, 'AddSub', 'test.json'))}", data_dir)
+    assert [task.benchmark.name for task in tasks] == ["AddSub"]
+
+
+def test_an_unwritable_output_dir_is_refused_before_the_model_loads(tmp_path, checkpoint, data_dir, monkeypatch, capsys):
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: path != str(read_only) and real_access(path, mode))
+    monkeypatch.setattr(evaluate, "load_for_inference", lambda *a, **k: pytest.fail("the model was loaded"))
+    err = cli(monkeypatch, capsys, "--lora_weights", checkpoint, "--dataset", "SVAMP", "--data_dir", data_dir,
+              "--output_dir", str(read_only / "out"))
+    assert err == f"error: --output_dir '{read_only}/out' cannot be written ({read_only} is read-only or not yours); choose another --output_dir"
+    assert not (read_only / "out").exists()
+
+
+def test_a_full_disk_mid_run_is_one_line_and_keeps_what_was_saved(tmp_path, checkpoint, data_dir, monkeypatch, capsys):
+    flags = ["--lora_weights", checkpoint, "--dataset", "SVAMP", "--data_dir", data_dir, "--max_examples", "3",
+             "--max_new_tokens", "12", "--batch_size", "1", "--output_dir", str(tmp_path / "out")]
+    real_write = evaluation.json.dumps
+    written = []
+
+    def dumps_until_full(obj, **kwargs):  # the disk fills up at the third prediction
+        if isinstance(obj, dict) and "response" in obj:
+            if len(written) == 2:
+                raise OSError(errno.ENOSPC, "No space left on device", "predictions.jsonl")
+            written.append(obj)
+        return real_write(obj, **kwargs)
+
+    monkeypatch.setattr(evaluation.json, "dumps", dumps_until_full)
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", *flags])
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.run_cli(evaluate.main)
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: No space left on device (predictions.jsonl); free some space, or choose another output folder, "
+        "and run the command again")
+    monkeypatch.setattr(evaluation.json, "dumps", real_write)
+    folder = os.path.join(tmp_path, "out", "llama-llama-lora", "SVAMP")
+    assert len(predictions(folder)) == 2  # the two finished predictions, whole
+    evaluate.run_cli(evaluate.main)  # the same command again
+    assert metrics(folder)["resumed"] == 2 and [r["index"] for r in predictions(folder)] == [0, 1, 2]
+
+
+def test_the_checkpoints_template_named_again_is_the_same_setting(tmp_path, checkpoint, data_dir, monkeypatch):
+    """The checkpoint's prompt_template.json adds its name to the template's file: the same prompts all the same."""
+    flags = dict(lora_weights=checkpoint, dataset="SVAMP", data_dir=data_dir, max_examples=2)
+    run(tmp_path, **flags)
+    monkeypatch.setattr(evaluate, "load_for_inference", lambda *a, **k: pytest.fail("the model was loaded"))
+    run(tmp_path, prompt_template_name="alpaca", **flags)
+
+
+def test_another_adapter_of_the_same_folder_name_is_told_apart(tmp_path, checkpoint, tiny_model_dir, data_dir, monkeypatch, capsys):
+    """Two runs' `lora/` folders (or `checkpoint-200/` folders) would share one label: the second is asked for its
+    own with --adapter, not told to --overwrite the first's; the same adapter moved elsewhere resumes."""
+    flags = ["--dataset", "SVAMP", "--data_dir", data_dir, "--max_examples", "2", "--output_dir", str(tmp_path / "out"),
+             "--max_new_tokens", "12", "--batch_size", "4"]
+    run(tmp_path, lora_weights=checkpoint, dataset="SVAMP", data_dir=data_dir, max_examples=2)
+    other = make_checkpoint(tiny_model_dir("llama"), str(tmp_path / "other" / "llama-lora"), seed=1)
+    err = cli(monkeypatch, capsys, "--lora_weights", other, *flags)
+    assert f"holds the predictions of the adapter {os.path.realpath(checkpoint)}: give this run a folder of its own with --adapter LABEL" in err
+    moved = shutil.copytree(checkpoint, tmp_path / "moved" / "llama-lora")
+    monkeypatch.setattr(evaluate, "load_for_inference", lambda *a, **k: pytest.fail("the model was loaded"))
+    run(tmp_path, lora_weights=str(moved), dataset="SVAMP", data_dir=data_dir, max_examples=2)
+    step = shutil.copytree(checkpoint, tmp_path / "run" / "checkpoint-200")
+    assert resolve_checkpoint("", str(step)).adapter_label == "run-checkpoint-200"
+
+
+def test_another_answer_rule_rescores_the_saved_responses(tmp_path, checkpoint, data_dir, monkeypatch, capsys):
+    flags = dict(lora_weights=checkpoint, dataset="AQuA", data_dir=data_dir, max_examples=4)
+    out = run(tmp_path, **flags)
+    folder = os.path.join(out, "llama-llama-lora", "AQuA")
+    strict = metrics(folder)
+    # responses whose letter the two rules read apart: strict takes the stated C, paper the E of "Each"
+    saved = [{**r, "response": f"Each option checked, the answer is C because {r['index']} < 5."} for r in predictions(folder)]
+    with open(os.path.join(folder, "predictions.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in saved)
+    monkeypatch.setattr(evaluate, "load_for_inference", lambda *a, **k: pytest.fail("the model was loaded"))
+    capsys.readouterr()
+    run(tmp_path, answer_rule="paper", **flags)
+    assert "AQuA: " in capsys.readouterr().out
+    paper = metrics(folder)
+    assert paper["settings"]["answer_rule"] == "paper" and strict["settings"]["answer_rule"] == "strict"
+    assert [r["prediction"] for r in predictions(folder)] == ["E"] * 4
+    assert paper["correct"] == sum(r["label"] == "E" for r in saved)
+    assert paper["accuracy"] == paper["accuracy_by_rule"]["paper"]
+    run(tmp_path, **flags)  # and back: "C" from "The answer is C because"
+    assert [r["prediction"] for r in predictions(folder)] == ["C"] * 4
+    assert metrics(folder)["correct"] == sum(r["label"] == "C" for r in saved)
+    with open(os.path.join(out, "results.csv"), newline="") as f:
+        assert [row["answer_rule"] for row in csv.DictReader(f)] == ["strict", "paper", "strict"]
 
 
 def test_other_settings_are_not_mixed_in(tmp_path, checkpoint, data_dir, monkeypatch, capsys):
@@ -522,6 +632,29 @@ def test_dtype_is_chosen_recorded_and_not_mixed_in(tmp_path, checkpoint, data_di
     err = cli(monkeypatch, capsys, "--lora_weights", checkpoint, "--dataset", "SVAMP", "--data_dir", data_dir, "--max_examples", "2",
               "--output_dir", out, "--max_new_tokens", "12", "--batch_size", "4", "--dtype", "float32")
     assert "dtype differ" in err and "--overwrite" in err
+
+
+def append_a_row(output_dir: str, label: str, start) -> None:
+    start.wait()
+    result = {"accuracy": 0.5, "settings": {"num_beams": 1}}
+    evaluation.append_result(output_dir, result, model=label, adapter="a", prompt_template="alpaca")
+
+
+def test_runs_finishing_at_once_write_one_header(tmp_path):
+    """Without the lock, two of four runs released at once into a new folder sometimes both wrote the header."""
+    context = multiprocessing.get_context("fork")
+    for trial in range(20):
+        output_dir = tmp_path / str(trial)
+        output_dir.mkdir()
+        start = context.Barrier(4)
+        runs = [context.Process(target=append_a_row, args=(str(output_dir), f"m{i}", start)) for i in range(4)]
+        for process in runs:
+            process.start()
+        for process in runs:
+            process.join()
+        with open(output_dir / "results.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        assert sorted(row["model"] for row in rows) == ["m0", "m1", "m2", "m3"]
 
 
 def test_results_csv_of_an_earlier_version_gains_the_new_columns(tmp_path, checkpoint, data_dir):

@@ -59,6 +59,7 @@ CASES = {
     "adapter dropout 1": ({"adapter_name": "adapterp", "adapter_dropout": 1.0}, "--adapter_dropout must be a number"),
     "val set 1.5": ({"val_set_size": 1.5}, "--val_set_size must be a count or a fraction"),
     "output dir is a file": ({"output_dir": "{dir}/a_file"}, "is a file"),
+    "output dir under a file": ({"output_dir": "{dir}/a_file/out"}, "cannot be made: {dir}/a_file is a file"),
     "missing base model": ({"base_model": "{dir}/no_model"}, "does not exist"),
     "val set too big": ({"val_set_size": 4}, "leaves no training data"),
     "8 and 4 bit": ({"load_8bit": True, "load_4bit": True}, "exclude each other"),
@@ -87,7 +88,7 @@ def test_bad_input_is_refused_before_anything_is_written(case, files, tmp_path, 
     args = {k: v.format(dir=files["dir"]) if isinstance(v, str) else v for k, v in args.items()}
     with pytest.raises(UsageError) as refused:
         finetune.train(**args)
-    assert expected in str(refused.value) and "\n" not in str(refused.value)
+    assert expected.format(dir=files["dir"]) in str(refused.value) and "\n" not in str(refused.value)
     assert not out.exists()
 
 
