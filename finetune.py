@@ -83,7 +83,7 @@ def train(
         learning_rate: peak learning rate of AdamW, linear decay after warmup (default 3e-4; tiny 1e-3).
         warmup_steps: linear warmup steps.
         cutoff_len: maximum tokens per example; longer ones are truncated.
-        val_set_size: validation records held out (blocks of cutoff_len tokens for a .txt file): a count, or a fraction in (0, 1); 0 for none.
+        val_set_size: validation records held out (blocks of cutoff_len tokens for a .txt file): a count, or a fraction in (0, 1); 0 for none. With a validation set, the adapter saved is the checkpoint's with the lowest validation loss (run.json: adapter_step).
         eval_step: evaluate every N steps (when there is a validation set).
         save_step: save a resumable checkpoint-N/ every N steps.
         save_total_limit: keep at most this many checkpoint-N/ folders (0: keep them all).
@@ -134,7 +134,7 @@ def train(
         peft_config = adapters.make_config(adapter_name, adapter_options, base_config.model_type)[1]
         adapters.check_on_skeleton(base_config, peft_config, trust_remote_code)
         if resume.checkpoint:  # its adapter must be the one these flags make
-            training.check_resumable(resume.checkpoint, peft_config)
+            training.check_resumable(resume.checkpoint, peft_config, base_model)
     train_data = load_data(data_path)
     training.check_schedule(num_epochs, max_steps, learning_rate, warmup_steps, eval_step, save_step,
                             has_validation=bool(val_set_size))
@@ -179,7 +179,9 @@ def train(
     if trainer.is_world_process_zero():
         record = training.run_record(args, trainer, result, trainable, total, len(train_set))
         training.save_final(model, tokenizer, prompter, record, output_dir)
-        print(f"saved the {adapters.resolve(adapter_name, {})[0]} adapter to {output_dir}")
+        which = (f" of step {record['adapter_step']}, the lowest validation loss ({record['adapter_val_loss']:.4f}) of the "
+                 "saved checkpoints," if record["adapter_val_loss"] is not None else "")
+        print(f"saved the {adapters.resolve(adapter_name, {})[0]} adapter{which} to {output_dir}")
     end_process_group()  # under torchrun, after rank 0's save
 
 

@@ -15,6 +15,7 @@ import torch
 
 from peft_ext import bundled
 from peft_ext.errors import UsageError
+from peft_ext.files import canonical
 from peft_ext.modeling import (
     ADAPTER_CONFIG,
     load_adapter,
@@ -56,18 +57,13 @@ class Checkpoint:
     def identity(self, dtype: torch.dtype) -> dict:
         """What decides the model's outputs, to tell whether saved predictions came from this model."""
         return {
-            "base_model": _canonical(self.base_model),
+            "base_model": canonical(self.base_model),
             "base_model_files": weights_fingerprint(self.base_model, content=False),
-            "lora_weights": _canonical(self.adapter_dir) if self.adapter_dir else None,
+            "lora_weights": canonical(self.adapter_dir) if self.adapter_dir else None,
             "lora_weights_sha256": weights_fingerprint(self.adapter_dir, content=True) if self.adapter_dir else None,
             "prompt_template": text_fields(self.prompter.template),
             "dtype": str(dtype).removeprefix("torch."),
         }
-
-
-def _canonical(path: str) -> str:
-    """A local path made absolute (so a run can resume from another working directory); a hub id as is."""
-    return os.path.realpath(path) if os.path.exists(path) else path
 
 
 # weights, not a checkpoint-N folder's training state

@@ -143,8 +143,15 @@ def encode(tokenizer, segments: list[tuple[str, bool]], cutoff_len: int, train_o
     eos = tokenizer.eos_token_id
     if eos is not None and (not ids or ids[-1] != eos) and len(ids) < cutoff_len:
         ids, labels = ids + [eos], labels + [eos]
-    ids, labels = ids[:cutoff_len], labels[:cutoff_len]
+    ids, labels = ids[:cutoff_len], unpredicted_first(labels[:cutoff_len])
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+
+def unpredicted_first(labels: list[int]) -> list[int]:
+    """`labels` with the first masked: no token comes before it to predict it, so the loss never counts it, and
+    the Trainer, which divides the loss by the labels it counts, leaves it out only for the model classes whose
+    loss it knows (LlamaForCausalLM, not GPT2LMHeadModel, under transformers 5.23). Packed rows mask it too."""
+    return [IGNORE_INDEX] + labels[1:] if labels else labels
 
 
 def chunk_text(tokenizer, text: str, cutoff_len: int) -> list[dict]:
@@ -153,7 +160,7 @@ def chunk_text(tokenizer, text: str, cutoff_len: int) -> list[dict]:
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
     blocks = [ids[i : i + cutoff_len] for i in range(0, len(ids), cutoff_len)]
-    return [{"input_ids": b, "attention_mask": [1] * len(b), "labels": list(b)} for b in blocks if len(b) > 1]
+    return [{"input_ids": b, "attention_mask": [1] * len(b), "labels": unpredicted_first(b)} for b in blocks if len(b) > 1]
 
 
 def training_sets(data: Dataset, val_set_size, seed: int, tokenizer, prompter: Prompter, cutoff_len: int,

@@ -9,6 +9,11 @@ import tempfile
 from peft_ext.errors import UsageError
 
 
+def canonical(path: str) -> str:
+    """A local path made absolute (so that a run resumes from another working directory); a hub id as is."""
+    return os.path.realpath(path) if os.path.exists(path) else path
+
+
 def check_writable(folder: str, flag: str = "--output_dir") -> None:
     """Refuse an output folder that cannot be written (a read-only disk, another user's folder) before any long
     work, without creating anything: the folder if it exists, else the nearest folder above it."""

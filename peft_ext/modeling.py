@@ -133,8 +133,13 @@ def load_adapter(model, adapter_dir: str, is_trainable: bool = False):
     try:
         return PeftModel.from_pretrained(model, adapter_dir, is_trainable=is_trainable)
     except RuntimeError as e:  # shape mismatches: the adapter was trained on another base model
-        first = str(e).strip().splitlines()[0]
-        raise UsageError(f"adapter {adapter_dir!r} does not fit this base model ({first[:300]})") from None
+        raise UsageError(f"adapter {adapter_dir!r} does not fit this base model ({mismatch(e)})") from None
+
+
+def mismatch(error: RuntimeError) -> str:
+    """The gist of a state dict that does not fit a model: its first size mismatch, else its first line."""
+    lines = [line.strip() for line in str(error).strip().splitlines()]
+    return next((line for line in lines if line.startswith("size mismatch")), lines[0])[:300]
 
 
 def parameter_counts(model) -> tuple[int, int]:

@@ -11,7 +11,14 @@ import time
 from dataclasses import dataclass
 
 import torch
-from peft import get_peft_model_state_dict
+from peft import (
+    PeftConfig,
+    PeftType,
+    get_peft_model,
+    get_peft_model_state_dict,
+    load_peft_weights,
+    set_peft_model_state_dict,
+)
 from safetensors.torch import load_file, save_file
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_pt_utils import BatchRebalanceSampler
@@ -20,8 +27,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from peft_ext import packing as packing_module
 from peft_ext.adapters import resolve
 from peft_ext.errors import UsageError
-from peft_ext.files import check_writable, write_json_atomic
-from peft_ext.modeling import ADAPTER_CONFIG, load_adapter, precision, read_adapter_config
+from peft_ext.files import canonical, check_writable, write_json_atomic
+from peft_ext.modeling import ADAPTER_CONFIG, load_adapter, mismatch, precision, read_adapter_config
 
 # The finetune flags that describe the adapter; they travel together to peft_ext.adapters.build.
 ADAPTER_FLAGS = (
@@ -114,6 +121,7 @@ def resume_plan(resume_from_checkpoint, output_dir: str, overwrite: bool) -> Res
     if os.path.isfile(os.path.join(path, TRAINER_STATE)):
         return ResumePlan(checkpoint=path)
     if os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):
+        check_warm_start(path)
         return ResumePlan(warm_start=path)
     raise UsageError(
         f"--resume_from_checkpoint {path!r} is neither a checkpoint-N folder nor an adapter folder; "
@@ -186,9 +194,13 @@ def discard_earlier_run(output_dir: str) -> None:
         os.remove(os.path.join(output_dir, RUN_RECORD))
 
 
-def check_resumable(checkpoint: str, config) -> None:
-    """Refuse, before the model loads, to resume `checkpoint` with flags that describe another adapter."""
+def check_resumable(checkpoint: str, config, base_model: str) -> None:
+    """Refuse, before the model loads, to resume `checkpoint` with flags that describe another adapter; note a base
+    model of another name (a copy of the same model may have moved; one of other shapes fails as it loads)."""
     saved = read_adapter_config(checkpoint)
+    trained_on = saved.get("base_model_name_or_path")
+    if trained_on and canonical(trained_on) != canonical(base_model) and int(os.environ.get("RANK", 0)) == 0:
+        print(f"note: {checkpoint} was trained on the base model {trained_on}; resuming on {base_model}")
     wanted = config.to_dict()
 
     def plain(value):
@@ -205,10 +217,26 @@ def check_resumable(checkpoint: str, config) -> None:
                          "it was trained with, or start a new run")
 
 
+def check_warm_start(adapter_dir: str) -> None:
+    if read_adapter_config(adapter_dir).get("peft_type") == PeftType.P_TUNING:
+        raise UsageError(f"{adapter_dir!r} holds a p-tuning prompt as its encoder computed it, not the encoder, which "
+                         "cannot go on training; continue its run from one of its checkpoint-N/ folders, which keep it")
+
+
 def warm_start(model, adapter_dir: str):
     """Continue training a finished adapter: its config and weights, fresh optimizer and schedule."""
     print(f"warm start from {adapter_dir} (its adapter_config.json sets the method and its settings)")
-    return load_adapter(model, adapter_dir, is_trainable=True)
+    config = PeftConfig.from_pretrained(adapter_dir)
+    if not config.is_prompt_learning:
+        return load_adapter(model, adapter_dir, is_trainable=True)
+    # peft loads a prompt (prompt or prefix tuning) for inference only: build the adapter, then load its weights
+    config.inference_mode = False
+    model = get_peft_model(model, config)
+    try:
+        set_peft_model_state_dict(model, load_peft_weights(adapter_dir, device=str(model.device)))
+    except RuntimeError as e:
+        raise UsageError(f"adapter {adapter_dir!r} does not fit this base model ({mismatch(e)})") from None
+    return model
 
 
 def resumed_at_the_end(trainer, checkpoint: str, output_dir: str) -> int | None:
@@ -281,8 +309,18 @@ class TrainableState(TrainerCallback):
             save_file(tensors, checkpoint_file(args, state, self.FILE))
 
     def on_train_begin(self, args, state, control, **kwargs):
-        path = os.path.join(self.resume_dir or "", self.FILE)
-        if self.resume_dir and os.path.isfile(path):
+        if self.resume_dir:
+            self.restore(self.resume_dir)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        # The Trainer has just loaded the best checkpoint's adapter file (with a validation set), which for p-tuning
+        # put the encoder's output where its input goes, beside the last step's encoder: take the whole state.
+        if args.load_best_model_at_end and state.best_model_checkpoint:
+            self.restore(state.best_model_checkpoint)
+
+    def restore(self, checkpoint: str) -> None:
+        path = os.path.join(checkpoint, self.FILE)
+        if os.path.isfile(path):  # (a checkpoint of an earlier version has none)
             saved = load_file(path)
             with torch.no_grad():
                 for name, param in self.model.named_parameters():
@@ -315,6 +353,13 @@ class AdapterTrainer(Trainer):
         if isinstance(sampler, BatchRebalanceSampler):
             sampler.seed = self.args.data_seed  # the library seeds it with a constant
         return sampler
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        try:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        except RuntimeError as e:
+            raise UsageError(f"{resume_from_checkpoint} does not fit this base model ({mismatch(e)}); resume with the "
+                             "--base_model it was trained on, or start a new run") from None
 
     def _run_epoch(self, *args, **kwargs):
         # Resumed at its last step (a run stopped between its final checkpoint and run.json), transformers would
@@ -429,6 +474,7 @@ def run_record(args: dict, trainer: Trainer, result, trainable: int, total: int,
     train_losses = [[log["step"], log["loss"]] for log in state.log_history if "loss" in log]
     val_losses = [[log["step"], log["eval_loss"]] for log in state.log_history if "eval_loss" in log]
     memory, memory_kind = peak_memory()
+    best = state.best_model_checkpoint if trainer.args.load_best_model_at_end else None
     return {
         "args": args,
         # The base model's folder made absolute, which evaluate.py and the exports fall back on when a relative
@@ -459,6 +505,10 @@ def run_record(args: dict, trainer: Trainer, result, trainable: int, total: int,
         "train_loss_mean": mean_train_loss(state.log_history, result.training_loss, clock.resumed_at, state.global_step),
         "final_train_loss": train_losses[-1][1] if train_losses else None,
         "final_val_loss": val_losses[-1][1] if val_losses else None,
+        # The step whose adapter is saved: with a validation set, the saved checkpoint's of the lowest validation
+        # loss, which the Trainer loads at the end; else the last.
+        "adapter_step": int(best.rsplit("-", 1)[-1]) if best else state.global_step,
+        "adapter_val_loss": state.best_metric if best else None,
         "loss_history": train_losses,
         "val_loss_history": val_losses,
     }

@@ -84,7 +84,7 @@ def test_eos_only_when_it_fits_and_train_on_inputs_keeps_all(tokenizer):
     n = len(tokenizer("".join(t for t, _ in segments))["input_ids"])
     fits = encode(tokenizer, segments, cutoff_len=n + 1, train_on_inputs=True)
     assert fits["input_ids"][-1] == tokenizer.eos_token_id and len(fits["input_ids"]) == n + 1
-    assert fits["labels"] == fits["input_ids"]
+    assert fits["labels"] == [IGNORE_INDEX] + fits["input_ids"][1:]  # nothing predicts the first token
     exact = encode(tokenizer, segments, cutoff_len=n, train_on_inputs=True)
     assert len(exact["input_ids"]) == n and exact["input_ids"][-1] != tokenizer.eos_token_id
 
@@ -134,7 +134,7 @@ def test_raw_text_is_chunked_to_cutoff(tmp_path, tokenizer):
     blocks = tokenize(data, tokenizer, Prompter.load("alpaca"), cutoff_len=32, train_on_inputs=False)
     lengths = [len(b) for b in blocks["input_ids"]]
     assert all(n == 32 for n in lengths[:-1]) and 1 < lengths[-1] <= 32
-    assert blocks[0]["labels"] == blocks[0]["input_ids"]
+    assert blocks[0]["labels"] == [IGNORE_INDEX] + blocks[0]["input_ids"][1:]
     all_ids = [t for b in blocks["input_ids"] for t in b]
     assert all_ids == tokenizer(data[0]["text"])["input_ids"] + [tokenizer.eos_token_id]
 

@@ -5,7 +5,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, DataCollatorForSeq2Se
 from transformers.trainer_pt_utils import BatchRebalanceSampler
 
 from peft_ext import adapters, packing, training
+from peft_ext.data import encode
 from peft_ext.modeling import load_tokenizer
+from peft_ext.prompts import Prompter
 from tiny import FAMILIES
 
 TEXTS = [
@@ -162,6 +164,20 @@ def test_a_packed_step_has_the_padded_steps_loss_and_gradients(family, method, c
     assert packed_loss == pytest.approx(padded[0], rel=1e-5)
     for got, want in zip(packed_grads, padded[1]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_padded_step_is_divided_by_the_tokens_it_predicts(family, tiny_model_dir, tmp_path):
+    """The Trainer divides a step's summed token losses by the labels it counts, leaving out each row's first (which
+    nothing predicts) only for the model classes whose loss it knows, not GPT2LMHeadModel (transformers 5.23):
+    finetune.py's examples mask their first label, so every family divides by what a packed step divides by."""
+    base = tiny_model_dir(family)
+    tokenizer, prompter = load_tokenizer(base), Prompter.load("alpaca")
+    features = [encode(tokenizer, prompter.record_segments({"instruction": text, "input": "", "output": "It is."}), 256, True)
+                for text in TEXTS]
+    _, _, trainer = packing_trainer(base, "lora", tmp_path, features, packing=False)
+    _, num_items = trainer.get_batch_samples(iter(trainer.get_train_dataloader()), 2, "cpu")
+    assert num_items == sum(len(f["input_ids"]) - 1 for f in features)
 
 
 @pytest.mark.parametrize(
