@@ -243,7 +243,8 @@ class Evaluation:
         if "lora_weights" in changed and saved.get("lora_weights_sha256") == current["lora_weights_sha256"]:
             changed.discard("lora_weights")  # the same adapter, moved or reached by another path
         if {"base_model", "lora_weights"} & changed:
-            made_by = f"the adapter {saved['lora_weights']}" if saved.get("lora_weights") else f"the model {saved['base_model']} alone"
+            adapter = f"with the adapter {saved['lora_weights']}" if saved.get("lora_weights") else "alone"
+            made_by = f"the base model {saved['base_model']} {adapter}"
             raise UsageError(f"{folder} holds the predictions of {made_by}: give this run a folder of its own with "
                              "--adapter LABEL (or --model LABEL), or choose another --output_dir")
         if changed:

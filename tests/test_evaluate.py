@@ -541,7 +541,8 @@ def test_another_adapter_of_the_same_folder_name_is_told_apart(tmp_path, checkpo
     run(tmp_path, lora_weights=checkpoint, dataset="SVAMP", data_dir=data_dir, max_examples=2)
     other = make_checkpoint(tiny_model_dir("llama"), str(tmp_path / "other" / "llama-lora"), seed=1)
     err = cli(monkeypatch, capsys, "--lora_weights", other, *flags)
-    assert f"holds the predictions of the adapter {os.path.realpath(checkpoint)}: give this run a folder of its own with --adapter LABEL" in err
+    assert (f"holds the predictions of the base model {os.path.realpath(tiny_model_dir('llama'))} with the adapter "
+            f"{os.path.realpath(checkpoint)}: give this run a folder of its own with --adapter LABEL") in err
     moved = shutil.copytree(checkpoint, tmp_path / "moved" / "llama-lora")
     monkeypatch.setattr(evaluate, "load_for_inference", lambda *a, **k: pytest.fail("the model was loaded"))
     run(tmp_path, lora_weights=str(moved), dataset="SVAMP", data_dir=data_dir, max_examples=2)
