@@ -51,7 +51,7 @@ def main(
     model, template and tokenizer), or a plain or merged model given as --base_model alone.
 
     --dataset takes names (AddSub, MultiArith, SingleEq, gsm8k, AQuA, SVAMP, mawps, boolq, piqa,
-    social_i_qa, hellaswag, winogrande, ARC-Easy, ARC-Challenge, openbookqa; any case, and the paper's
+    social_i_qa, hellaswag, winogrande, ARC-Easy, ARC-Challenge, openbookqa, and the bundled synth_math; any case, and the paper's
     column names), `math`, `commonsense`, comma lists, or paths to test.json files; names are read from
     DATA_DIR/NAME/test.json (data/README.md says how to fetch them).
 
@@ -70,7 +70,7 @@ def main(
         lora_weights: the adapter checkpoint directory (finetune.py's output_dir); none: the base model alone.
         weights_path: the seed's other name for --lora_weights.
         model: label of the run in tables, and in folder names with characters other than letters, digits and ._+- as _ (default: the base model's folder name).
-        adapter: label of the run in folders and tables (default: the checkpoint's folder name, or "base").
+        adapter: label of the run in folders and tables (default: the checkpoint's folder name, RUN-checkpoint-N for a run's checkpoint-N/, or "base").
         data_dir: where set names are looked up, as DATA_DIR/NAME/test.json (default: this project's data/ folder, from wherever evaluate.py runs).
         output_dir: where predictions, metrics, results.csv and the suite tables go.
         prompt_template_name: template in templates/ or a JSON path (default: the checkpoint's prompt_template.json, else alpaca).

@@ -83,7 +83,7 @@ def train(
         learning_rate: peak learning rate of AdamW, linear decay after warmup (default 3e-4; tiny 1e-3).
         warmup_steps: linear warmup steps.
         cutoff_len: maximum tokens per example; longer ones are truncated.
-        val_set_size: validation records held out (blocks of cutoff_len tokens for a .txt file): a count, or a fraction in (0, 1); 0 for none. With a validation set, the adapter saved is the checkpoint's with the lowest validation loss (run.json: adapter_step).
+        val_set_size: validation records held out (blocks of cutoff_len tokens for a .txt file): a count, or a fraction in (0, 1); 0 for none. With a validation set, the adapter saved is the saved checkpoint's with the lowest validation loss (run.json: adapter_step).
         eval_step: evaluate every N steps (when there is a validation set).
         save_step: save a resumable checkpoint-N/ every N steps.
         save_total_limit: keep at most this many checkpoint-N/ folders (0: keep them all).

@@ -361,6 +361,12 @@ class AdapterTrainer(Trainer):
             raise UsageError(f"{resume_from_checkpoint} does not fit this base model ({mismatch(e)}); resume with the "
                              "--base_model it was trained on, or start a new run") from None
 
+    def _determine_best_metric(self, metrics, trial):
+        # Only an evaluation that a save follows (--save_step is a multiple of --eval_step) may be the best: the
+        # Trainer would take an unsaved step's loss as the best to beat, keep loading an older checkpoint, and
+        # never count a later saved one that beats every saved one.
+        return self.control.should_save and super()._determine_best_metric(metrics, trial)
+
     def _run_epoch(self, *args, **kwargs):
         # Resumed at its last step (a run stopped between its final checkpoint and run.json), transformers would
         # take one step more before it checks the step count; finish the run as it is instead.

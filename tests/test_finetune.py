@@ -269,13 +269,9 @@ def test_a_p_tuning_adapter_folder_is_refused_as_a_warm_start(tiny_model_dir, da
         finetune.train(**quick_args(base, data_file, tmp_path / "second", resume_from_checkpoint=str(tmp_path / "first")))
 
 
-@pytest.mark.parametrize("method", ["lora", "p-tuning"])
-def test_with_a_validation_set_the_best_checkpoint_is_saved_whole(method, tiny_model_dir, data_file, tmp_path, captured):
-    """The Trainer loads the best checkpoint's adapter file at the end; for p-tuning that file holds the encoder's
-    output, so the encoder itself comes from the checkpoint's trainable_state, and the adapter saved is exactly the
-    best checkpoint's. run.json names its step."""
-    out = tmp_path / "run"
-    losses = iter([0.9, 0.5, 0.7])  # the best evaluation is the second, at step 4, neither the first nor the last
+def train_with_validation_losses(losses: list[float], monkeypatch, *args, **flags) -> dict:
+    """finetune.train(quick_args(*args, **flags)) whose evaluations report `losses`, in turn; its run.json."""
+    losses = iter(losses)
 
     class RiggedEvaluation(TrainerCallback):
         def on_evaluate(self, args, state, control, metrics=None, **kwargs):
@@ -285,14 +281,24 @@ def test_with_a_validation_set_the_best_checkpoint_is_saved_whole(method, tiny_m
 
     def make_rigged(*args, **kwargs):
         trainer = real_make(*args, **kwargs)
-        trainer.callback_handler.callbacks.insert(0, RiggedEvaluation())
+        trainer.callback_handler.callbacks.insert(0, RiggedEvaluation())  # the metrics, before the Trainer reads them
         return trainer
 
-    with pytest.MonkeyPatch.context() as patch:
+    with monkeypatch.context() as patch:
         patch.setattr(training, "make_trainer", make_rigged)
-        finetune.train(**quick_args(tiny_model_dir("llama"), data_file, out, adapter_name=method, max_steps=6, val_set_size=1,
-                                    eval_step=2, save_step=2, save_total_limit=0))
-    record = json.loads((out / "run.json").read_text())
+        finetune.train(**quick_args(*args, val_set_size=1, save_total_limit=0, **flags))
+    return json.loads((args[2] / "run.json").read_text())
+
+
+@pytest.mark.parametrize("method", ["lora", "p-tuning"])
+def test_with_a_validation_set_the_best_checkpoint_is_saved_whole(method, tiny_model_dir, data_file, tmp_path, captured, monkeypatch):
+    """The Trainer loads the best checkpoint's adapter file at the end; for p-tuning that file holds the encoder's
+    output, so the encoder itself comes from the checkpoint's trainable_state, and the adapter saved is exactly the
+    best checkpoint's. run.json names its step."""
+    out = tmp_path / "run"
+    # the best evaluation is the second, at step 4, neither the first nor the last
+    record = train_with_validation_losses([0.9, 0.5, 0.7], monkeypatch, tiny_model_dir("llama"), data_file, out,
+                                          adapter_name=method, max_steps=6, eval_step=2, save_step=2)
     assert (record["adapter_step"], record["adapter_val_loss"], record["steps"]) == (4, 0.5, 6)
     saved, best = (load_file(folder / "adapter_model.safetensors") for folder in (out, out / "checkpoint-4"))
     assert saved.keys() == best.keys()
@@ -302,6 +308,15 @@ def test_with_a_validation_set_the_best_checkpoint_is_saved_whole(method, tiny_m
     for name, param in captured["model"].named_parameters():
         if name in state:
             torch.testing.assert_close(param.detach(), state[name], rtol=0, atol=0)
+
+
+def test_the_best_checkpoint_is_the_best_of_the_saved_ones(tiny_model_dir, data_file, tmp_path, monkeypatch):
+    """Evaluations every 2 steps, saves every 4: the lowest loss (0.1, step 6) has no checkpoint. The Trainer alone
+    would keep loading checkpoint-4 (0.8), since checkpoint-8 (0.5) does not beat 0.1."""
+    out = tmp_path / "run"
+    record = train_with_validation_losses([0.9, 0.8, 0.1, 0.5], monkeypatch, tiny_model_dir("llama"), data_file, out,
+                                          max_steps=8, eval_step=2, save_step=4)
+    assert (record["adapter_step"], record["adapter_val_loss"]) == (8, 0.5)
 
 
 def test_resuming_on_another_base_model_is_one_line(tiny_model_dir, data_file, tmp_path, capsys):
