@@ -13,9 +13,10 @@ import time
 import transformers  # not `from transformers import set_seed`: that loads bitsandbytes before peft_ext quiets it
 
 from peft_ext import adapters, bundled, training
-from peft_ext.data import load_data, training_sets
+from peft_ext.data import load_data, training_file, training_sets
 from peft_ext.distributed import end_process_group
 from peft_ext.errors import UsageError, run_cli
+from peft_ext.files import file_sha256
 from peft_ext.modeling import adopt_pad_token, load_base_model, load_config, load_tokenizer, parameter_counts
 from peft_ext.prompts import Prompter
 
@@ -136,6 +137,10 @@ def train(
         if resume.checkpoint:  # its adapter must be the one these flags make
             training.check_resumable(resume.checkpoint, peft_config, base_model)
     train_data = load_data(data_path)
+    data_file = training_file(data_path)  # (None for a hub id)
+    settings = {**args, "data_sha256": file_sha256(data_file) if data_file else None}  # what a resumed run must keep
+    if resume.checkpoint:
+        training.check_same_run(resume.checkpoint, settings)
     training.check_schedule(num_epochs, max_steps, learning_rate, warmup_steps, eval_step, save_step,
                             has_validation=bool(val_set_size))
     report = training.reporting(report_to, wandb_project, wandb_run_name, wandb_watch, wandb_log_model)
@@ -165,6 +170,7 @@ def train(
         save_total_limit=save_total_limit, group_by_length=group_by_length, packing=packing,
         checkpointing=use_gradient_checkpointing, seed=seed, report=report, resume_dir=resume.checkpoint, started=started,
     )
+    trainer.add_callback(training.RunSettings(settings))
     if resume.checkpoint and (step := training.resumed_at_the_end(trainer, resume.checkpoint, output_dir)):
         if trainer.is_world_process_zero():
             print(f"{output_dir} holds a finished run at step {step}, all the steps these flags plan: nothing to "

@@ -28,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # peft_ext
 from peft_ext.bundled import BASE_MODEL, DATA_DIR, TEST_DATA, TINY_RECIPE, TRAIN_DATA  # noqa: E402
 from peft_ext.errors import UsageError, no_such_flag, run_cli, script_flags  # noqa: E402
-from peft_ext.files import atomic_open, run_folder, write_json_atomic, write_text_atomic  # noqa: E402
+from peft_ext.files import atomic_open, file_sha256, run_folder, write_json_atomic, write_text_atomic  # noqa: E402
 
 ADAPTERS = "lora,adapterh,adapterp,parallel,prefix-tuning"
 SWEEP_RECORD = "sweep.json"  # in evaluate's run folder: what a finished evaluation was asked, its metrics files
@@ -176,10 +176,18 @@ def train(label: str, flags: dict, adapter_dir: str) -> bool:
 
 
 def eval_record(run_dir: str, asked: dict) -> dict | None:
-    """The sweep's record of a finished evaluation that was asked for exactly this, else None."""
+    """The sweep's record of a finished evaluation that was asked for exactly this, of data files that are still as
+    they were scored (else evaluate.py runs again, and refuses to mix in what was scored on other data), or None."""
     path = os.path.join(run_dir, SWEEP_RECORD)
     record = read_json(path) if os.path.isfile(path) else {}
-    return record if record.get("asked") == asked else None
+    if record.get("asked") != asked:
+        return None
+    for metrics_path in record["metrics"]:
+        metrics_path = os.path.join(run_dir, metrics_path)
+        scored = read_json(metrics_path) if os.path.isfile(metrics_path) else None
+        if not scored or not os.path.isfile(scored["file"]) or file_sha256(scored["file"]) != scored["settings"]["data_sha256"]:
+            return None
+    return record
 
 
 def evaluate(label: str, model_label: str, adapter_dir: str, run_dir: str, asked: dict) -> list[str]:
@@ -207,8 +215,9 @@ def benchmark_names(datasets: str, eval_flags: list[str]) -> list[str]:
     imported only when there is work to do: it loads torch and peft)."""
     from peft_ext.evaluation import resolve_tasks
 
-    data_dir = parse_flags(shlex.join(eval_flags)).get("data_dir", DATA_DIR)
-    return [task.benchmark.name for task in resolve_tasks(datasets, data_dir)[0]]
+    given = parse_flags(shlex.join(eval_flags))
+    skip_missing = as_recorded(given.get("skip_missing", False)) is True
+    return [task.benchmark.name for task in resolve_tasks(datasets, given.get("data_dir", DATA_DIR), skip_missing=skip_missing)[0]]
 
 
 def check_adapters(flags: dict[str, dict]) -> None:

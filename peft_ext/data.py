@@ -56,6 +56,14 @@ def _instruction_fields(r: dict) -> dict:
     return {"instruction": r.get("instruction") or "", "input": r.get("input") or "", "output": r.get("output") or ""}
 
 
+def training_file(data_path: str) -> str | None:
+    """The local file that load_data reads for `data_path` (a directory's train.json), or None for a hub id."""
+    path = os.path.expanduser(data_path)
+    if os.path.isdir(path):
+        return next((os.path.join(path, n) for n in ("train.json", "train.jsonl") if os.path.isfile(os.path.join(path, n))), None)
+    return path if os.path.isfile(path) else None
+
+
 def load_data(data_path: str) -> Dataset:
     """The training records, checked here, before any model is loaded. A directory's test.json is not read: it
     is a benchmark's test set for evaluate.py (whose records need no 'output'), never a validation set."""
@@ -63,7 +71,7 @@ def load_data(data_path: str) -> Dataset:
         raise UsageError("--data_path is required: a JSON/JSONL file, a directory, a .txt file or a hub id")
     path = os.path.expanduser(data_path)
     if os.path.isdir(path):
-        train = next((os.path.join(path, n) for n in ("train.json", "train.jsonl") if os.path.isfile(os.path.join(path, n))), None)
+        train = training_file(path)
         if train is None:
             raise UsageError(f"data directory {data_path!r} holds no train.json; add one or point at a file")
         return _records_dataset(train)

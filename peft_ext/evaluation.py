@@ -10,7 +10,6 @@ Per set, a folder OUTPUT/DATASET holds:
 - `metrics.json`: written atomically once every example is scored.
 """
 import csv
-import hashlib
 import json
 import os
 import shutil
@@ -32,7 +31,7 @@ from peft_ext import answers
 from peft_ext.answers import Benchmark
 from peft_ext.distributed import end_process_group
 from peft_ext.errors import UsageError
-from peft_ext.files import atomic_open, read_records, write_json_atomic
+from peft_ext.files import atomic_open, file_sha256, read_records, write_json_atomic
 from peft_ext.generation import SharedPrefix, decoding_config, stream
 from peft_ext.prompts import check_input, text_fields
 
@@ -160,11 +159,6 @@ def drop_partial_line(path: str) -> None:
         data = f.read()
         if data and not data.endswith(b"\n"):
             f.truncate(data.rfind(b"\n") + 1)
-
-
-def file_sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 # ---- ranks under torchrun

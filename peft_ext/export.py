@@ -79,6 +79,9 @@ def check_output_dir(output_dir: str, overwrite: bool, checkpoint: Checkpoint) -
             )
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise UsageError(f"--output_dir {output_dir!r} is a file; choose a folder")
+    if os.path.commonpath([os.getcwd(), target]) == target:  # the finished export replaces the folder whole
+        raise UsageError(f"--output_dir {output_dir!r} holds the current directory, which an export cannot replace; "
+                         "choose another folder")
     check_writable(os.path.dirname(os.path.abspath(output_dir)))  # the export is staged beside it, then moved in
     if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
         raise UsageError(f"--output_dir {output_dir!r} exists and is not empty; pass --overwrite to replace it")

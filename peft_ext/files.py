@@ -1,12 +1,21 @@
 """Reading record files; writing results so that an interruption never leaves a half-written file behind, and
 naming their folders."""
 import contextlib
+import hashlib
 import json
 import os
 import re
 import tempfile
 
 from peft_ext.errors import UsageError
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def canonical(path: str) -> str:

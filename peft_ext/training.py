@@ -36,6 +36,13 @@ ADAPTER_FLAGS = (
     "bottleneck_size", "non_linearity", "adapter_dropout", "use_parallel_adapter", "use_adapterp",
     "scaling", "init_weights", "embedding_lambda", "ffn",
 )
+# What a resumed run may change: how long it runs, how it saves, evaluates and logs, what only costs memory or
+# time, and what check_resumable compares itself (the adapter's flags; the base model, by the shapes it loads).
+MAY_CHANGE_ON_RESUME = {
+    "output_dir", "resume_from_checkpoint", "overwrite", "max_steps", "num_epochs", "eval_step", "save_step",
+    "save_total_limit", "report_to", "wandb_project", "wandb_run_name", "wandb_watch", "wandb_log_model",
+    "use_gradient_checkpointing", "packing", "trust_remote_code", "base_model", "adapter_name", *ADAPTER_FLAGS,
+}
 RUN_RECORD = "run.json"
 TRAINER_STATE = "trainer_state.json"
 LIBRARIES = ("torch", "transformers", "peft", "datasets", "accelerate", "bitsandbytes", "safetensors")
@@ -289,6 +296,37 @@ class RunClock(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.train_end = time.perf_counter()
+
+
+class RunSettings(TrainerCallback):
+    """The run's flags, and its data file's hash, in each checkpoint-N/ (FILE), for `check_same_run`."""
+
+    FILE = "run_settings.json"
+
+    def __init__(self, settings: dict):
+        self.settings = settings
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            write_json_atomic(checkpoint_file(args, state, self.FILE), self.settings)
+
+
+def check_same_run(checkpoint: str, settings: dict) -> None:
+    """Refuse, before the model loads, to resume `checkpoint` with flags that change what it trains on or how (the
+    data, learning rate, batch, template...): the run would mix two recipes, and run.json record only the second.
+    A data file that moved is the same data when its hash is."""
+    path = os.path.join(checkpoint, RunSettings.FILE)
+    if not os.path.isfile(path):  # a checkpoint of an earlier version
+        return
+    with open(path) as f:
+        saved = json.load(f)
+    current = json.loads(json.dumps(settings, default=str))
+    may_change = MAY_CHANGE_ON_RESUME | ({"data_path"} if saved.get("data_sha256") and current.get("data_sha256") else set())
+    differ = sorted(k for k in current if k not in may_change and k in saved and saved[k] != current[k])
+    if differ:
+        shown = ", ".join(f"{k} {saved[k]!r} there, {current[k]!r} here" for k in differ)
+        raise UsageError(f"{checkpoint} belongs to a run with other settings ({shown}); resume it with its own, or "
+                         "start a new run (--overwrite, or another --output_dir)")
 
 
 class TrainableState(TrainerCallback):

@@ -131,6 +131,10 @@ def test_bad_input_gives_one_clear_error(llama, llama_lora, tmp_path, monkeypatc
     for size in ("abc", "5GiB", 0, "0GB"):  # save_pretrained would refuse these only after the merge
         with pytest.raises(UsageError, match="--max_shard_size must be a size such as 5GB"):
             export_hf.main(lora_weights=llama_lora, output_dir=str(tmp_path / "out"), max_shard_size=size)
+    monkeypatch.chdir(tmp_path / "full")  # `--output_dir . --overwrite` would merge, then fail to replace "."
+    for script in (export_hf, export_meta):
+        with pytest.raises(UsageError, match="holds the current directory, which an export cannot replace"):
+            script.main(lora_weights=llama_lora, output_dir=".", overwrite=True)
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
     assert sorted(os.listdir(tmp_path)) == ["empty", "full", "wide"]
 

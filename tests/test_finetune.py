@@ -319,6 +319,28 @@ def test_the_best_checkpoint_is_the_best_of_the_saved_ones(tiny_model_dir, data_
     assert (record["adapter_step"], record["adapter_val_loss"]) == (8, 0.5)
 
 
+def test_resuming_with_another_recipe_is_refused_before_loading(tiny_model_dir, data_file, tmp_path, monkeypatch):
+    """A run stopped at step 2 of 4: resuming it with another learning rate or other data would mix two recipes and
+    record only the second; a longer run, or the same data from another path, continues it."""
+    base, out = tiny_model_dir("llama"), tmp_path / "run"
+    finetune.train(**quick_args(base, data_file, out, max_steps=4, save_step=2))
+    shutil.rmtree(out / "checkpoint-4")
+    os.remove(out / "run.json")
+    other_data = tmp_path / "other.json"
+    other_data.write_text(json.dumps(MEMORIZE[:2] * 2))
+    with monkeypatch.context() as patch:
+        patch.setattr(finetune, "load_base_model", lambda *a, **k: pytest.fail("the model was loaded"))
+        with pytest.raises(UsageError, match=r"checkpoint-2 belongs to a run with other settings \(learning_rate 0.02 there, "
+                                             r"0.05 here\); resume it with its own"):
+            finetune.train(**quick_args(base, data_file, out, max_steps=4, save_step=2, learning_rate=5e-2, resume_from_checkpoint="latest"))
+        with pytest.raises(UsageError, match=r"\(data_sha256 '[0-9a-f]{64}' there, '[0-9a-f]{64}' here\)"):
+            finetune.train(**quick_args(base, str(other_data), out, max_steps=4, save_step=2, resume_from_checkpoint="latest"))
+    moved = shutil.copy(data_file, tmp_path / "moved.json")
+    finetune.train(**quick_args(base, str(moved), out, max_steps=6, save_step=2, resume_from_checkpoint="latest"))
+    record = json.loads((out / "run.json").read_text())
+    assert (record["resumed_at_step"], record["steps"]) == (2, 6)
+
+
 def test_resuming_on_another_base_model_is_one_line(tiny_model_dir, data_file, tmp_path, capsys):
     from checkpoints import save_wide_llama
 

@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.request
 
+import gradio as gr
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -111,6 +112,16 @@ def test_page_is_local_only_unless_asked(llama_lora, monkeypatch):
         ("127.0.0.1", 7860, False, None), ("0.0.0.0", 9000, True, ("ann", "secret")),
     ]
     assert probed == [("127.0.0.1", 7860), ("0.0.0.0", 9000)]  # checked before the model loads
+
+
+def test_each_slider_reaches_the_value_its_flag_gave(lora_model):
+    """gradio refuses a value beyond a slider's end: `--num_beams 8` would fail every Generate on the page."""
+    model, tokenizer, _ = lora_model
+    knobs = dict(temperature=3.0, top_p=0.9, top_k=200, num_beams=8, max_new_tokens=4096)
+    app = generate.build_app(model, tokenizer, resolve_checkpoint(), knobs)
+    sliders = {block.label: block for block in app.blocks.values() if isinstance(block, gr.Slider)}
+    assert {label: (s.value, s.maximum) for label, s in sliders.items() if label != "Top p"} == {
+        "Temperature": (3.0, 3.0), "Top k": (200, 200), "Beams": (8, 8), "Max new tokens": (4096, 4096)}
 
 
 # the streamed response

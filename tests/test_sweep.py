@@ -183,3 +183,28 @@ def test_a_misspelt_adapter_fails_before_any_training(tmp_path):
                            "--output_dir", str(tmp_path / "sweep")], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and done.stderr.startswith("error: --adapters lorra: unknown --adapter_name 'lorra'")
     assert not (tmp_path / "sweep" / "lora").exists()  # nothing trained
+
+
+def test_an_evaluation_of_data_that_changed_since_is_not_taken(finished, tmp_path):
+    """A test file rewritten in place (the same path, other answers) is evaluated again, where evaluate.py refuses to
+    mix in the predictions scored on the old contents, instead of its old accuracy being tabulated."""
+    args, out = finished
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    run_dir = str(copy / "eval" / "llama-lora")
+    asked = {"dataset": args["datasets"], "flags": read_json(os.path.join(run_dir, sweep.SWEEP_RECORD))["asked"]["flags"]}
+    assert sweep.eval_record(run_dir, asked) is not None
+    metrics_path = os.path.join(run_dir, "synth_math", "metrics.json")
+    metrics = read_json(metrics_path)
+    metrics["settings"]["data_sha256"] = "0" * 64  # as if scored on other contents of the same file
+    with open(metrics_path, "w") as f:
+        json.dump(metrics, f)
+    assert sweep.eval_record(run_dir, asked) is None
+
+
+def test_skip_missing_in_evaluate_args_reaches_the_sets_the_sweep_expects(shared_data, tmp_path):
+    partial = tmp_path / "partial"
+    shutil.copytree(os.path.join(shared_data, "eval", "SVAMP"), partial / "SVAMP")
+    assert sweep.benchmark_names("math", [f"--data_dir={partial}", "--skip_missing=True"]) == ["SVAMP"]
+    with pytest.raises(UsageError, match="has no AddSub/test.json"):
+        sweep.benchmark_names("math", [f"--data_dir={partial}"])
