@@ -34,7 +34,7 @@ def main(
     prompt_template_name: str = "",
     load_8bit: bool = False,
     load_4bit: bool = False,
-    prompt: str = "",
+    prompt: str = None,
     prompts_file: str = "",
     batch_size: int = 8,
     temperature: float = 0.0,
@@ -75,8 +75,10 @@ def main(
         trust_remote_code: allow model code from the hub (off by default: it runs foreign code).
     """
     # parse
-    if prompt and prompts_file:
+    if prompt is not None and prompts_file:
         raise UsageError("--prompt and --prompts_file exclude each other; give one")
+    if prompt is not None and not prompt.strip():
+        raise UsageError("--prompt is empty: give an instruction, or leave --prompt out to serve the page")
     if temperature < 0 or num_beams < 1 or max_new_tokens < 1 or batch_size < 1:
         raise UsageError("--temperature must be at least 0, --num_beams, --max_new_tokens and --batch_size at least 1")
     if not 0 < top_p <= 1 or top_k < 0:
@@ -87,7 +89,7 @@ def main(
         if not (user and colon and password):
             raise UsageError("--auth takes user:password")
         login = (user, password)
-    instructions = [str(prompt)] if prompt else _read_instructions(prompts_file) if prompts_file else []
+    instructions = [prompt] if prompt is not None else _read_instructions(prompts_file) if prompts_file else []
     if not instructions:
         _check_port(server_name, server_port)  # now, not after minutes of loading the model
     adapter_dir = adapter_dir_flag(lora_weights, weights_path)
@@ -109,7 +111,7 @@ def main(
             chunk = instructions[start:start + batch_size]
             responses = generate(model, tokenizer, [checkpoint.prompter.prompt(i) for i in chunk], config)
             for instruction, response in zip(chunk, responses):
-                line = response if prompt else json.dumps({"instruction": instruction, "response": response})
+                line = response if prompt is not None else json.dumps({"instruction": instruction, "response": response})
                 print(line, flush=True)
         return
     if (server_name != "127.0.0.1" or share_gradio) and not login:

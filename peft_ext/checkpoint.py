@@ -20,6 +20,7 @@ from peft_ext.modeling import (
     ADAPTER_CONFIG,
     load_adapter,
     load_base_model,
+    load_config,
     load_tokenizer,
     read_adapter_config,
 )
@@ -170,6 +171,7 @@ def load_for_inference(checkpoint: Checkpoint, load_8bit: bool = False, load_4bi
                        trust_remote_code: bool = False, dtype=None):
     """(model, tokenizer): the base model (in `dtype`, default the machine's compute dtype) with the
     adapter applied, in eval mode (dropout off)."""
+    load_config(checkpoint.base_model, trust_remote_code)  # first: a folder that is not a model is told so, in one line
     tokenizer = load_tokenizer(checkpoint.tokenizer_dir, trust_remote_code=trust_remote_code)
     model = load_base_model(checkpoint.base_model, load_8bit, load_4bit, dtype=dtype, trust_remote_code=trust_remote_code)
     if checkpoint.adapter_dir:

@@ -94,6 +94,8 @@ def test_bad_input_gives_one_clear_error(llama, llama_lora, tmp_path):
         (dict(lora_weights=llama_lora, prompt=QUESTION, temperature=0.5, top_k=-1), "--top_k at least 0"),
         (dict(lora_weights=llama_lora, server_port=busy.getsockname()[1]), "pass a free --server_port"),
         (dict(lora_weights=llama_lora, server_name="no.such.host.invalid"), "check --server_name"),
+        (dict(lora_weights=llama_lora, prompt="  "), "--prompt is empty: give an instruction"),
+        (dict(base_model=str(tmp_path / "empty"), prompt=QUESTION), "holds no config.json: it is not a model folder"),
     ]
     for flags, message in cases:
         with pytest.raises(UsageError, match=message):
