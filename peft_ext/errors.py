@@ -78,7 +78,9 @@ def _refuse_unknown(fn, args: list[str]) -> None:
 def no_such_flag(script: str, flag: str, known: list[str]) -> UsageError:
     """The error for a `flag` (as typed: `--num_epoch`, `--lora-rr=4`) that is none of `script`'s `known` flags."""
     name = flag.lstrip("-").split("=", 1)[0]
-    close = difflib.get_close_matches(name.replace("-", "_"), known, n=1)
+    wanted = name.replace("-", "_")
+    # a flag of which this is a word (--share for --share_gradio, --port for --server_port), else a misspelling
+    close = [flag for flag in known if wanted in flag.split("_")][:1] or difflib.get_close_matches(wanted, known, n=1)
     hint = f"did you mean --{close[0]}? " if close else ""
     return UsageError(f"{script} has no flag --{name}; {hint}`python {script} --help` lists its flags")
 

@@ -8,6 +8,8 @@ import sys
 import pytest
 from checkpoints import make_checkpoint
 
+from peft_ext.errors import no_such_flag
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REGISTERED = (
     "from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING as M\n"
