@@ -1,4 +1,5 @@
 import os
+import signal
 import sys
 
 import pytest
@@ -12,6 +13,12 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SHARED_DATA = os.path.join(ROOT, "..", "shared", "data")
+
+
+def ctrl_c_reaches_it() -> None:
+    """`preexec_fn` of a child process that a test stops with SIGINT: a shell starts a background job (`.ci/run &`)
+    with SIGINT ignored, which its children inherit, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 from tiny import save_tiny_model  # noqa: E402
 

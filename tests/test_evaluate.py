@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from checkpoints import make_checkpoint
-from conftest import ROOT
+from conftest import ROOT, ctrl_c_reaches_it
 from peft_ext import adapters, answers, bundled, evaluation, generation
 from peft_ext.checkpoint import load_for_inference, resolve_checkpoint
 from peft_ext.errors import UsageError
@@ -684,7 +684,7 @@ def test_killed_process_resumes(tmp_path, checkpoint, data_dir, stop):
                "--data_dir", data_dir, "--output_dir", out, "--max_examples", "16", "--max_new_tokens", "32"]
     log = os.path.join(out, "llama-llama-lora", "SVAMP", "predictions.jsonl")
     process = subprocess.Popen(command + ["--batch_size", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True, cwd=ROOT)
+                               text=True, cwd=ROOT, preexec_fn=ctrl_c_reaches_it)
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:
         if os.path.isfile(log) and len(open(log).readlines()) >= 3:

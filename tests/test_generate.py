@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from checkpoints import make_checkpoint, save_wide_llama
-from conftest import ROOT
+from conftest import ROOT, ctrl_c_reaches_it
 from peft_ext.checkpoint import load_for_inference, resolve_checkpoint
 from peft_ext.demo import decoding, stream_response
 from peft_ext.errors import UsageError
@@ -223,7 +223,7 @@ def test_ctrl_c_stops_the_server_with_one_line(endless_lora):
     port = free_port()
     process = subprocess.Popen([sys.executable, "generate.py", "--lora_weights", endless_lora, "--server_port", str(port)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                               env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+                               env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}, preexec_fn=ctrl_c_reaches_it)
     try:
         ready = process.stdout.readline()
         while ready and not ready.startswith("serving the demo"):
