@@ -28,7 +28,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # peft_ext
 from peft_ext.bundled import BASE_MODEL, DATA_DIR, TEST_DATA, TINY_RECIPE, TRAIN_DATA  # noqa: E402
 from peft_ext.errors import UsageError, no_such_flag, run_cli, script_flags  # noqa: E402
-from peft_ext.files import atomic_open, file_sha256, run_folder, write_json_atomic, write_text_atomic  # noqa: E402
+from peft_ext.files import (  # noqa: E402
+    atomic_open,
+    file_sha256,
+    folder_lock,
+    run_folder,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 ADAPTERS = "lora,adapterh,adapterp,parallel,prefix-tuning"
 SWEEP_RECORD = "sweep.json"  # in evaluate's run folder: what a finished evaluation was asked, its metrics files
@@ -434,26 +441,29 @@ def main(
     if not all(os.path.isfile(os.path.join(output_dir, label, "run.json")) for label in labels):
         check_adapters(flags)
 
-    # train and evaluate each adapter; each step is skipped when its files say it is done
-    records, metrics = {}, {}
-    for label in labels:
-        adapter_dir = os.path.join(output_dir, label)
-        if train(label, flags[label], adapter_dir):
-            # predictions of earlier weights of this adapter would be scored as the new ones'
-            shutil.rmtree(run_dirs[label], ignore_errors=True)
-        records[label] = read_json(os.path.join(adapter_dir, "run.json"))
-        metrics[label] = [read_json(p) for p in evaluate(label, model_label, adapter_dir, run_dirs[label], asked)]
+    # One sweep at a time in a folder: two would train the same adapters into the same folders.
+    os.makedirs(output_dir, exist_ok=True)
+    with folder_lock(output_dir, busy=f"another sweep is running in {output_dir}; wait for it, or choose another --output_dir"):
+        # train and evaluate each adapter; each step is skipped when its files say it is done
+        records, metrics = {}, {}
+        for label in labels:
+            adapter_dir = os.path.join(output_dir, label)
+            if train(label, flags[label], adapter_dir):
+                # predictions of earlier weights of this adapter would be scored as the new ones'
+                shutil.rmtree(run_dirs[label], ignore_errors=True)
+            records[label] = read_json(os.path.join(adapter_dir, "run.json"))
+            metrics[label] = [read_json(p) for p in evaluate(label, model_label, adapter_dir, run_dirs[label], asked)]
 
-    # tabulate and plot
-    names, table = accuracy_by_adapter(metrics)
-    tables = {"resources": resource_tables(records), "accuracy": accuracy_tables(names, table)}
-    for stem, (md, csv_rows) in tables.items():
-        write_text_atomic(os.path.join(output_dir, f"{stem}.md"), md)
-        write_text_atomic(os.path.join(output_dir, f"{stem}.csv"), csv_rows)
-        print(f"\n{md}", end="")
-    plot_accuracy(os.path.join(output_dir, "accuracy.png"), names, table, f"{model_label}: accuracy")
-    plot_loss(os.path.join(output_dir, "loss.png"), records, f"{model_label}: training loss")
-    print(f"\nwritten to {output_dir}: resources.md/.csv, accuracy.md/.csv, accuracy.png, loss.png")
+        # tabulate and plot
+        names, table = accuracy_by_adapter(metrics)
+        tables = {"resources": resource_tables(records), "accuracy": accuracy_tables(names, table)}
+        for stem, (md, csv_rows) in tables.items():
+            write_text_atomic(os.path.join(output_dir, f"{stem}.md"), md)
+            write_text_atomic(os.path.join(output_dir, f"{stem}.csv"), csv_rows)
+            print(f"\n{md}", end="")
+        plot_accuracy(os.path.join(output_dir, "accuracy.png"), names, table, f"{model_label}: accuracy")
+        plot_loss(os.path.join(output_dir, "loss.png"), records, f"{model_label}: training loss")
+        print(f"\nwritten to {output_dir}: resources.md/.csv, accuracy.md/.csv, accuracy.png, loss.png")
 
 
 if __name__ == "__main__":

@@ -19,11 +19,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-try:
-    import fcntl  # POSIX: a lock on results.csv's folder
-except ImportError:  # Windows: runs that finish at the same moment may each write a header
-    fcntl = None
-
 import torch
 from tqdm import tqdm
 
@@ -31,7 +26,7 @@ from peft_ext import answers
 from peft_ext.answers import Benchmark
 from peft_ext.distributed import end_process_group
 from peft_ext.errors import UsageError
-from peft_ext.files import atomic_open, file_sha256, read_records, write_json_atomic
+from peft_ext.files import atomic_open, file_sha256, folder_lock, read_records, write_json_atomic
 from peft_ext.generation import SharedPrefix, decoding_config, stream
 from peft_ext.prompts import check_input, text_fields
 
@@ -413,10 +408,7 @@ def append_result(output_dir: str, result: dict, model: str, adapter: str, promp
     row = {**result, **result["settings"], "model": model, "adapter": adapter,
            "accuracy": round(100 * result["accuracy"], 2), "prompt_template": prompt_template}
     path = os.path.join(output_dir, RESULTS)
-    folder = os.open(output_dir, os.O_RDONLY)
-    try:
-        if fcntl:
-            fcntl.flock(folder, fcntl.LOCK_EX)
+    with folder_lock(output_dir):
         fields = RESULT_FIELDS
         if os.path.isfile(path):
             with open(path, newline="") as f:
@@ -434,8 +426,6 @@ def append_result(output_dir: str, result: dict, model: str, adapter: str, promp
             if new:
                 writer.writeheader()
             writer.writerow(row)
-    finally:
-        os.close(folder)  # and the lock with it
     return path
 
 

@@ -7,6 +7,11 @@ import os
 import re
 import tempfile
 
+try:
+    import fcntl
+except ImportError:  # Windows: no locks, so two runs that finish at once may interleave
+    fcntl = None
+
 from peft_ext.errors import UsageError
 
 
@@ -81,6 +86,22 @@ def run_folder(model_label: str, adapter_label: str) -> str:
     digits and `._+-` become `_`, and so does a leading dot."""
     name = re.sub(r"[^\w.+-]", "_", f"{model_label}-{adapter_label}")
     return "_" + name[1:] if name.startswith(".") else name
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str, busy: str = ""):
+    """An exclusive lock on `folder` while the block runs (POSIX; none on Windows): waited for, or with `busy`,
+    refused at once with that message."""
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        if fcntl:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | (fcntl.LOCK_NB if busy else 0))
+            except BlockingIOError:
+                raise UsageError(busy) from None
+        yield
+    finally:
+        os.close(handle)  # and the lock with it
 
 
 @contextlib.contextmanager

@@ -208,3 +208,16 @@ def test_skip_missing_in_evaluate_args_reaches_the_sets_the_sweep_expects(shared
     assert sweep.benchmark_names("math", [f"--data_dir={partial}", "--skip_missing=True"]) == ["SVAMP"]
     with pytest.raises(UsageError, match="has no AddSub/test.json"):
         sweep.benchmark_names("math", [f"--data_dir={partial}"])
+
+
+def test_a_second_sweep_into_a_busy_folder_is_refused(finished, tmp_path):
+    """Two sweeps in one folder would train the same adapters into the same folders."""
+    from peft_ext.files import folder_lock
+
+    args, out = finished
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    with folder_lock(str(copy)):  # a sweep running there
+        with pytest.raises(UsageError, match=f"another sweep is running in {copy}; wait for it"):
+            sweep.main(**{**args, "output_dir": str(copy)})
+    sweep.main(**{**args, "output_dir": str(copy)})  # and once it is done, this one runs (finds all done)
