@@ -17,7 +17,14 @@ from peft_ext.data import load_data, training_file, training_sets
 from peft_ext.distributed import end_process_group
 from peft_ext.errors import UsageError, run_cli
 from peft_ext.files import file_sha256
-from peft_ext.modeling import adopt_pad_token, load_base_model, load_config, load_tokenizer, parameter_counts
+from peft_ext.modeling import (
+    adopt_pad_token,
+    load_base_model,
+    load_config,
+    load_tokenizer,
+    parameter_counts,
+    read_adapter_config,
+)
 from peft_ext.prompts import Prompter
 
 
@@ -130,6 +137,8 @@ def train(
     adapters.resolve(adapter_name, adapter_options)
     prompter = Prompter.load(prompt_template_name)
     resume = training.resume_plan(resume_from_checkpoint, output_dir, overwrite)
+    # the method trained: a warm start's own, whatever --adapter_name says
+    method = adapters.method_of(read_adapter_config(resume.warm_start)) if resume.warm_start else adapters.resolve(adapter_name, {})[0]
     if not resume.warm_start:  # (a warm start takes its adapter's own settings)
         base_config = load_config(base_model, trust_remote_code)
         peft_config = adapters.make_config(adapter_name, adapter_options, base_config.model_type)[1]
@@ -183,11 +192,11 @@ def train(
 
     # Save the adapter, tokenizer, template and run record, each file written atomically.
     if trainer.is_world_process_zero():
-        record = training.run_record(args, trainer, result, trainable, total, len(train_set))
+        record = training.run_record(args, trainer, result, trainable, total, len(train_set), method)
         training.save_final(model, tokenizer, prompter, record, output_dir)
         which = (f" of step {record['adapter_step']}, the lowest validation loss ({record['adapter_val_loss']:.4f}) of the "
                  "saved checkpoints," if record["adapter_val_loss"] is not None else "")
-        print(f"saved the {adapters.resolve(adapter_name, {})[0]} adapter{which} to {output_dir}")
+        print(f"saved the {method} adapter{which} to {output_dir}")
     end_process_group()  # under torchrun, after rank 0's save
 
 

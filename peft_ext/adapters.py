@@ -161,6 +161,17 @@ ALIASES: dict[str, Alias] = {
 }
 
 
+# Each method's peft_type in adapter_config.json (LoRA's also says whether it is DoRA).
+PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix-tuning", "P_TUNING": "p-tuning",
+              "PROMPT_TUNING": "prompt-tuning", "BOTTLENECK": "bottleneck"}
+
+
+def method_of(adapter_config: dict) -> str:
+    """The method an adapter_config.json describes (what a warm start trains, whatever --adapter_name says)."""
+    name = PEFT_TYPES.get(str(adapter_config.get("peft_type")), str(adapter_config.get("peft_type")).lower())
+    return "dora" if name == "lora" and adapter_config.get("use_dora") else name
+
+
 def normalize(name: str) -> str:
     return str(name).strip().lower().replace("_", "-")
 

@@ -25,7 +25,6 @@ from transformers.trainer_pt_utils import BatchRebalanceSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from peft_ext import packing as packing_module
-from peft_ext.adapters import resolve
 from peft_ext.errors import UsageError
 from peft_ext.files import canonical, check_writable, write_json_atomic
 from peft_ext.modeling import ADAPTER_CONFIG, load_adapter, mismatch, precision, read_adapter_config
@@ -509,9 +508,9 @@ def _versions() -> dict:
     return found
 
 
-def run_record(args: dict, trainer: Trainer, result, trainable: int, total: int, n_train: int) -> dict:
+def run_record(args: dict, trainer: Trainer, result, trainable: int, total: int, n_train: int, method: str) -> dict:
     """Everything a later reader (sweep tables, a reviewer) needs to know about this run, all of it and not only
-    what followed a resume."""
+    what followed a resume; `method`: the adapter trained (a warm start's, whatever --adapter_name says)."""
     state = trainer.state
     clock = next(c for c in trainer.callback_handler.callbacks if isinstance(c, RunClock))
     seconds = clock.totals(training=False)
@@ -524,7 +523,7 @@ def run_record(args: dict, trainer: Trainer, result, trainable: int, total: int,
         # The base model's folder made absolute, which evaluate.py and the exports fall back on when a relative
         # --base_model does not resolve from their own working directory; None for a hub id.
         "base_model_dir": os.path.realpath(args["base_model"]) if os.path.isdir(args["base_model"]) else None,
-        "adapter": resolve(args["adapter_name"], {})[0],
+        "adapter": method,
         "versions": _versions(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)",
         "precision": precision(),

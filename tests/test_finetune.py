@@ -247,7 +247,7 @@ def test_latest_with_nothing_saved_yet_trains_from_the_start(tiny_model_dir, dat
         finetune.train(**quick_args(base, data_file, out, max_steps=2, save_step=5, resume_from_checkpoint="latest"))
 
 
-@pytest.mark.parametrize("method", ["lora", "prompt-tuning", "prefix-tuning"])
+@pytest.mark.parametrize("method", ["dora", "prompt-tuning", "prefix-tuning", "bottleneck"])
 def test_warm_start_from_finished_adapter(method, tiny_model_dir, data_file, tmp_path, captured):
     base = tiny_model_dir("gpt2")
     finetune.train(**quick_args(base, data_file, tmp_path / "first", max_steps=10, adapter_name=method))
@@ -258,6 +258,8 @@ def test_warm_start_from_finished_adapter(method, tiny_model_dir, data_file, tmp
     for key in first:  # learning rate 0: the warm-started weights come through unchanged
         torch.testing.assert_close(second[key], first[key])
     assert captured["model"].get_nb_trainable_parameters()[0] > 0  # and they train
+    # run.json names the method trained, not --adapter_name's default
+    assert json.loads((tmp_path / "second" / "run.json").read_text())["adapter"] == method
 
 
 def test_a_p_tuning_adapter_folder_is_refused_as_a_warm_start(tiny_model_dir, data_file, tmp_path, monkeypatch):
