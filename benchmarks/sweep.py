@@ -178,7 +178,7 @@ def train(label: str, flags: dict, adapter_dir: str) -> bool:
     if interrupted:
         command.append("--resume_from_checkpoint=latest")
     print(f"{label}: {'resuming' if interrupted else 'training'}: {shlex.join(command)}", flush=True)
-    run(command, f"finetune.py for {label}")
+    run(command, f"finetune.py for {label}", "--finetune_args")
     return True
 
 
@@ -210,7 +210,7 @@ def evaluate(label: str, model_label: str, adapter_dir: str, run_dir: str, asked
             f"--dataset={asked['dataset']}", *asked["flags"],
         ]
         print(f"{label}: evaluating: {shlex.join(command)}", flush=True)
-        run(command, f"evaluate.py for {label}")
+        run(command, f"evaluate.py for {label}", "--evaluate_args")
         names = benchmark_names(asked["dataset"], asked["flags"])
         record = {"asked": asked, "metrics": [os.path.join(n, "metrics.json") for n in names]}
         write_json_atomic(os.path.join(run_dir, SWEEP_RECORD), record)
@@ -240,10 +240,12 @@ def check_adapters(flags: dict[str, dict]) -> None:
             raise UsageError(f"--adapters {label}: {e}") from None
 
 
-def run(command: list[str], what: str) -> None:
+def run(command: list[str], what: str, flags_via: str) -> None:
+    """Run a script; `flags_via`: the sweep's flag that passes it more flags, named when it refused its input."""
     finished = subprocess.run(command)
     if finished.returncode:
-        raise UsageError(f"{what} stopped with exit status {finished.returncode} (its output is above)")
+        hint = f"; a flag it asks for goes to it through {flags_via}" if finished.returncode == 2 else ""
+        raise UsageError(f"{what} stopped with exit status {finished.returncode} (its output is above){hint}")
 
 
 # ---- tables and plots

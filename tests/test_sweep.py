@@ -221,3 +221,11 @@ def test_a_second_sweep_into_a_busy_folder_is_refused(finished, tmp_path):
         with pytest.raises(UsageError, match=f"another sweep is running in {copy}; wait for it"):
             sweep.main(**{**args, "output_dir": str(copy)})
     sweep.main(**{**args, "output_dir": str(copy)})  # and once it is done, this one runs (finds all done)
+
+
+def test_a_script_that_refuses_its_input_is_told_how_to_get_flags():
+    """evaluate.py's refusal says "pass --overwrite True"; inside a sweep that goes through --evaluate_args."""
+    with pytest.raises(UsageError, match=r"exit status 2 \(its output is above\); a flag it asks for goes to it through --evaluate_args$"):
+        sweep.run([sys.executable, "-c", "raise SystemExit(2)"], "evaluate.py for lora", "--evaluate_args")
+    with pytest.raises(UsageError, match=r"exit status 1 \(its output is above\)$"):  # a crash: no flag helps
+        sweep.run([sys.executable, "-c", "raise SystemExit(1)"], "finetune.py for lora", "--finetune_args")
