@@ -134,11 +134,11 @@ def train(
     if cutoff_len <= 0:
         raise UsageError(f"--cutoff_len must be positive, got {cutoff_len}")
     adapter_options = {k: args[k] for k in training.ADAPTER_FLAGS}
-    adapters.resolve(adapter_name, adapter_options)
+    method = adapters.resolve(adapter_name, adapter_options)[0]
     prompter = Prompter.load(prompt_template_name)
     resume = training.resume_plan(resume_from_checkpoint, output_dir, overwrite)
-    # the method trained: a warm start's own, whatever --adapter_name says
-    method = adapters.method_of(read_adapter_config(resume.warm_start)) if resume.warm_start else adapters.resolve(adapter_name, {})[0]
+    if resume.warm_start:  # the method trained is the warm start's own, whatever --adapter_name says
+        method = adapters.method_of(read_adapter_config(resume.warm_start))
     if not resume.warm_start:  # (a warm start takes its adapter's own settings)
         base_config = load_config(base_model, trust_remote_code)
         peft_config = adapters.make_config(adapter_name, adapter_options, base_config.model_type)[1]

@@ -128,18 +128,18 @@ def build_app(model, tokenizer, checkpoint: Checkpoint, defaults: dict) -> gr.Bl
                     clear = gr.Button("Clear")
                 with gr.Accordion("Decoding", open=True):
                     # each slider reaches at least the value its flag gave (gradio refuses one beyond its end)
-                    temperature = gr.Slider(0, max(2, defaults["temperature"]), value=defaults["temperature"], step=0.05, label="Temperature",
-                                            info="0: greedy, the same answer every time")
+                    temperature = gr.Slider(0, max(2, defaults["temperature"]), value=defaults["temperature"], step=0.05,
+                                            label="Temperature", info="0: greedy, the same answer every time")
                     with gr.Row():
                         top_p = gr.Slider(0.05, 1, value=defaults["top_p"], step=0.05, label="Top p",
                                           info="when sampling")
-                        top_k = gr.Slider(0, max(100, defaults["top_k"]), value=defaults["top_k"], step=1, label="Top k",
-                                          info="when sampling; 0: off")
+                        top_k = gr.Slider(0, max(100, defaults["top_k"]), value=defaults["top_k"], step=1,
+                                          label="Top k", info="when sampling; 0: off")
                     with gr.Row():
-                        num_beams = gr.Slider(1, max(4, defaults["num_beams"]), value=defaults["num_beams"], step=1, label="Beams",
-                                              info="above 1: beam search, shown when complete")
-                        max_new_tokens = gr.Slider(1, max(2000, defaults["max_new_tokens"]), value=defaults["max_new_tokens"], step=1,
-                                                   label="Max new tokens", elem_id="max_new_tokens")
+                        num_beams = gr.Slider(1, max(4, defaults["num_beams"]), value=defaults["num_beams"], step=1,
+                                              label="Beams", info="above 1: beam search, shown when complete")
+                        max_new_tokens = gr.Slider(1, max(2000, defaults["max_new_tokens"]), value=defaults["max_new_tokens"],
+                                                   step=1, label="Max new tokens", elem_id="max_new_tokens")
             with gr.Column(scale=1):
                 response = gr.Textbox(label="Response", lines=18, max_lines=40, interactive=False,
                                       buttons=["copy"], elem_id="response")

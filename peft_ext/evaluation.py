@@ -46,6 +46,7 @@ class Task:
     benchmark: Benchmark
     path: str
     examples: list[dict]
+    data_sha256: str  # of the file as its examples were read; every settings check compares it
 
 
 # ---- which sets, from which files
@@ -115,7 +116,7 @@ def load_task(path: str, benchmark: Benchmark | None, max_examples: int = 0) -> 
         problem = benchmark.check_answer(record["answer"])
         if problem:
             raise UsageError(f"{path}: record {i}: {problem}, which a {benchmark.kind} set cannot score")
-    return Task(benchmark, path, records)
+    return Task(benchmark, path, records, file_sha256(path))
 
 
 # ---- files
@@ -207,7 +208,7 @@ class Evaluation:
         return {
             **self.identity,
             "dataset": task.benchmark.name,
-            "data_sha256": file_sha256(task.path),
+            "data_sha256": task.data_sha256,
             "num_beams": self.num_beams,
             "temperature": self.temperature,
             "seed": self.seed if sampling else None,

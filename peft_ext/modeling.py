@@ -63,7 +63,6 @@ def load_tokenizer(base_model: str, trust_remote_code: bool = False):
 
 def load_config(base_model: str, trust_remote_code: bool = False):
     """The model's config alone (architecture, saved dtype), without loading weights."""
-    _check_base(base_model)
     folder = os.path.expanduser(base_model)
     if os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, "config.json")):
         raise UsageError(f"{base_model!r} holds no config.json: it is not a model folder; give a model folder or hub id "
