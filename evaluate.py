@@ -123,6 +123,7 @@ def main(
             scored = metrics[task.benchmark.name]
             if scored and "scored_from" in scored:
                 metrics[task.benchmark.name] = run.save_scored(task, scored, ranks.world)
+            if scored:  # the row of a set finished before, in case that run stopped before it wrote it
                 append_result(output_dir, metrics[task.benchmark.name], model_label, adapter_label, checkpoint.prompter.name)
 
     # load (only when there is work: a finished run answers in seconds)

@@ -186,8 +186,8 @@ def train(
                   "train (a larger --max_steps or --num_epochs continues it)")
         end_process_group()
         return
-    if resume.replaces and trainer.is_world_process_zero():  # now that every check has passed
-        training.discard_earlier_run(output_dir)
+    if trainer.is_world_process_zero():  # now that every check has passed
+        training.discard(resume, output_dir)
     result = trainer.train(resume_from_checkpoint=resume.checkpoint)
 
     # Save the adapter, tokenizer, template and run record, each file written atomically.

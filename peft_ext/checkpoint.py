@@ -15,7 +15,7 @@ import torch
 
 from peft_ext import bundled
 from peft_ext.errors import UsageError
-from peft_ext.files import canonical
+from peft_ext.files import INCOMPLETE, canonical
 from peft_ext.modeling import (
     ADAPTER_CONFIG,
     load_adapter,
@@ -27,7 +27,7 @@ from peft_ext.modeling import (
 from peft_ext.prompts import TEMPLATE_FILE, Prompter, text_fields
 
 RUN_FILE = "run.json"
-CHECKPOINT_FOLDER = re.compile(r"checkpoint-\d+")  # what the Trainer saves during a run
+CHECKPOINT_FOLDER = re.compile(r"checkpoint-(\d+)")  # what the Trainer saves during a run: checkpoint-STEP
 TOKENIZER_FILE = "tokenizer_config.json"
 
 
@@ -122,6 +122,9 @@ def _check_adapter_dir(adapter_dir: str) -> dict:
         raise UsageError(
             f"{adapter_dir!r} holds a full model, not an adapter: pass it as --base_model and leave --lora_weights out"
         )
+    if os.path.exists(os.path.join(adapter_dir, INCOMPLETE)):
+        raise UsageError(f"{adapter_dir!r} was not saved whole (its run stopped while saving it); use another "
+                         "checkpoint-N of the run, or its finished folder")
     return read_adapter_config(adapter_dir)
 
 

@@ -16,7 +16,7 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft_ext import sibo, tuners  # noqa: F401  (tuners: registers our methods with peft)
 from peft_ext.checkpoint import Checkpoint, adapter_dir_flag, load_for_inference, resolve_checkpoint
 from peft_ext.errors import UsageError
-from peft_ext.files import check_writable
+from peft_ext.files import check_writable, make_readable
 from peft_ext.modeling import load_config, read_adapter_config
 
 
@@ -96,7 +96,7 @@ def staged_output(output_dir: str):
     staging = tempfile.mkdtemp(dir=parent, prefix=".export-")
     try:
         yield staging
-        _make_readable(staging)
+        make_readable(staging)
         if os.path.isdir(output_dir):
             replaced = tempfile.mkdtemp(dir=parent, prefix=".replaced-")
             os.replace(output_dir, os.path.join(replaced, "old"))
@@ -106,13 +106,6 @@ def staged_output(output_dir: str):
             os.replace(staging, output_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def _make_readable(folder: str) -> None:
-    """mkdtemp, and safetensors for its files, make them private; an export is meant to be shared."""
-    os.chmod(folder, 0o755)
-    for name in os.listdir(folder):
-        os.chmod(os.path.join(folder, name), 0o644)
 
 
 def merge(model: PeftModel, dtype: torch.dtype | None):

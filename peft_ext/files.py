@@ -14,6 +14,9 @@ except ImportError:  # Windows: no locks, so two runs that finish at once may in
 
 from peft_ext.errors import UsageError
 
+INCOMPLETE = ".incomplete"  # in a folder being written, removed once it is whole: a stop in between leaves it
+
+
 
 def file_sha256(path: str) -> str:
     digest = hashlib.sha256()
@@ -102,6 +105,18 @@ def folder_lock(folder: str, busy: str = ""):
         yield
     finally:
         os.close(handle)  # and the lock with it
+
+
+def make_readable(folder: str) -> None:
+    """Give `folder` and its files the modes a plain open() would (the umask's): mkdtemp, mkstemp and safetensors
+    make them private, where what a run saves is meant to be read by others (a serving account, a colleague)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            os.chmod(path, 0o666 & ~umask)
 
 
 @contextlib.contextmanager

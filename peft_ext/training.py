@@ -8,7 +8,7 @@ import resource
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from peft import (
@@ -22,11 +22,12 @@ from peft import (
 from safetensors.torch import load_file, save_file
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_pt_utils import BatchRebalanceSampler
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from peft_ext import packing as packing_module
+from peft_ext.checkpoint import CHECKPOINT_FOLDER
 from peft_ext.errors import UsageError
-from peft_ext.files import canonical, check_writable, write_json_atomic
+from peft_ext.files import INCOMPLETE, canonical, check_writable, make_readable, write_json_atomic
 from peft_ext.modeling import ADAPTER_CONFIG, load_adapter, mismatch, precision, read_adapter_config
 
 # The finetune flags that describe the adapter; they travel together to peft_ext.adapters.build.
@@ -44,6 +45,7 @@ MAY_CHANGE_ON_RESUME = {
 }
 RUN_RECORD = "run.json"
 TRAINER_STATE = "trainer_state.json"
+FINAL_STAGING = ".final-"
 LIBRARIES = ("torch", "transformers", "peft", "datasets", "accelerate", "bitsandbytes", "safetensors")
 
 
@@ -90,6 +92,19 @@ class ResumePlan:
     checkpoint: str | None = None  # a checkpoint-N/ folder: optimizer, scheduler, RNG and data position
     warm_start: str | None = None  # a finished adapter folder: its weights only
     replaces: bool = False  # --overwrite over an earlier run: its checkpoint-N/ folders and run.json must go
+    incomplete: list[str] = field(default_factory=list)  # checkpoint-N/ folders a stop left half-saved
+
+
+def checkpoints(output_dir: str) -> list[str]:
+    """The run's checkpoint-N/ folders, by step, whole or not."""
+    found = [(int(m[1]), m[0]) for name in os.listdir(output_dir) if (m := CHECKPOINT_FOLDER.fullmatch(name))]
+    return [os.path.join(output_dir, name) for _, name in sorted(found) if os.path.isdir(os.path.join(output_dir, name))]
+
+
+def is_complete(checkpoint: str) -> bool:
+    """Saved whole: the Trainer writes trainer_state.json after its other files, and AdapterTrainer removes the
+    INCOMPLETE mark it put first once this project's own files are written too."""
+    return os.path.isfile(os.path.join(checkpoint, TRAINER_STATE)) and not os.path.exists(os.path.join(checkpoint, INCOMPLETE))
 
 
 def resume_plan(resume_from_checkpoint, output_dir: str, overwrite: bool) -> ResumePlan:
@@ -101,34 +116,44 @@ def resume_plan(resume_from_checkpoint, output_dir: str, overwrite: bool) -> Res
         parent = os.path.dirname(os.path.normpath(output_dir)) or "."
         raise UsageError(f"--output_dir {output_dir!r} is a checkpoint of a run; to continue that run pass "
                          f"--output_dir {parent!r} --resume_from_checkpoint {output_dir!r}, or pick another --output_dir")
+    saved = checkpoints(output_dir) if os.path.isdir(output_dir) else []
+    has_run = bool(saved) or os.path.exists(os.path.join(output_dir, RUN_RECORD))
     if resume_from_checkpoint in (None, False, ""):
-        has_run = os.path.isdir(output_dir) and (
-            os.path.exists(os.path.join(output_dir, RUN_RECORD)) or get_last_checkpoint(output_dir)
-        )
         if has_run and not overwrite:
             raise UsageError(
                 f"{output_dir!r} already holds a run; continue it with --resume_from_checkpoint latest, "
                 "replace it with --overwrite, or pick another --output_dir"
             )
-        return ResumePlan(replaces=bool(has_run))
+        return ResumePlan(replaces=has_run)
     if resume_from_checkpoint is True or str(resume_from_checkpoint).lower() in ("latest", "last", "true"):
-        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-        if last:
-            return ResumePlan(checkpoint=last)
+        whole = [c for c in saved if is_complete(c)]
+        incomplete = [c for c in saved if c not in whole]
+        if incomplete and int(os.environ.get("RANK", 0)) == 0:
+            print(f"note: {', '.join(incomplete)} {'was' if len(incomplete) == 1 else 'were'} not saved whole (the run "
+                  "stopped while saving), and will be removed; " +
+                  (f"continuing from {whole[-1]}" if whole else "training from the start"))
+        if whole:
+            return ResumePlan(checkpoint=whole[-1], incomplete=incomplete)
         if os.path.exists(os.path.join(output_dir, RUN_RECORD)):
             raise UsageError(f"--resume_from_checkpoint latest: {output_dir!r} holds a finished run and no checkpoint-N "
                              "folder to continue from; replace it with --overwrite, or pick another --output_dir")
         # Nothing saved yet (stopped before the first --save_step): the same command works from the start, so a
         # job that always passes `latest` (a preemptible one, say) needs no other command for its first run.
-        if int(os.environ.get("RANK", 0)) == 0:
+        if not incomplete and int(os.environ.get("RANK", 0)) == 0:
             print(f"no checkpoint-N folder in {output_dir!r} yet: training from the start")
-        return ResumePlan()
+        return ResumePlan(incomplete=incomplete)
     path = str(resume_from_checkpoint)
-    if os.path.isfile(os.path.join(path, TRAINER_STATE)):
+    if is_complete(path):
         return ResumePlan(checkpoint=path)
+    if CHECKPOINT_FOLDER.fullmatch(os.path.basename(os.path.normpath(path))) and os.path.isdir(path):
+        raise UsageError(f"{path!r} was not saved whole (its run stopped while saving it); pass "
+                         "--resume_from_checkpoint latest to continue from the run's last whole checkpoint-N")
     if os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):
         check_warm_start(path)
-        return ResumePlan(warm_start=path)
+        if has_run and not overwrite:
+            raise UsageError(f"{output_dir!r} already holds a run, which a warm start from {path!r} would train over; "
+                             "replace it with --overwrite, or pick another --output_dir")
+        return ResumePlan(warm_start=path, replaces=has_run)
     raise UsageError(
         f"--resume_from_checkpoint {path!r} is neither a checkpoint-N folder nor an adapter folder; "
         "give one of those, or 'latest'"
@@ -189,14 +214,14 @@ ADAPTER_IDENTITY = ("peft_type", "r", "lora_alpha", "use_dora", "target_modules"
                     "scaling", "embedding_lambda", "ffn")
 
 
-def discard_earlier_run(output_dir: str) -> None:
-    """Remove the replaced run's checkpoint-N/ folders and run.json (its adapter files are overwritten at the
+def discard(plan: ResumePlan, output_dir: str) -> None:
+    """Once every check has passed: remove the checkpoint-N/ folders a stop left half-saved and, when this run
+    replaces an earlier one, that run's checkpoint-N/ folders and run.json (its adapter files are overwritten at the
     end), so that `--resume_from_checkpoint latest` can never continue the replaced run as if it were this one."""
-    for name in os.listdir(output_dir):
-        path = os.path.join(output_dir, name)
-        if name.startswith(PREFIX_CHECKPOINT_DIR + "-") and os.path.isdir(path):
-            shutil.rmtree(path)
-    if os.path.isfile(os.path.join(output_dir, RUN_RECORD)):
+    doomed = checkpoints(output_dir) if plan.replaces else plan.incomplete
+    for folder in doomed:
+        shutil.rmtree(folder)
+    if plan.replaces and os.path.isfile(os.path.join(output_dir, RUN_RECORD)):
         os.remove(os.path.join(output_dir, RUN_RECORD))
 
 
@@ -391,6 +416,24 @@ class AdapterTrainer(Trainer):
             sampler.seed = self.args.data_seed  # the library seeds it with a constant
         return sampler
 
+    def _save_checkpoint(self, model, trial):
+        # The Trainer writes checkpoint-N/ in place, and this project's callbacks add their files after it: mark
+        # the folder INCOMPLETE first and unmark it once all is written, so that a stop in between never leaves
+        # a folder that `--resume_from_checkpoint latest` would take for a whole one.
+        self._unsealed = None
+        if self.args.should_save:
+            self._unsealed = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            os.makedirs(self._unsealed, exist_ok=True)
+            open(os.path.join(self._unsealed, INCOMPLETE), "w").close()
+        super()._save_checkpoint(model, trial)
+
+    def _maybe_log_save_evaluate(self, *args, **kwargs):
+        super()._maybe_log_save_evaluate(*args, **kwargs)  # saves, then runs the callbacks' on_save
+        if getattr(self, "_unsealed", None):
+            make_readable(self._unsealed)
+            os.remove(os.path.join(self._unsealed, INCOMPLETE))
+            self._unsealed = None
+
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         try:
             super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -439,7 +482,7 @@ def make_trainer(
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     dtype = precision()
     args = TrainingArguments(
-        output_dir=output_dir,
+        output_dir=os.path.abspath(output_dir),  # the path of the best checkpoint, kept in trainer_state.json, holds from any folder
         per_device_train_batch_size=micro_batch_size,
         per_device_eval_batch_size=micro_batch_size,
         gradient_accumulation_steps=accumulation,
@@ -589,12 +632,16 @@ def verify_saved_adapter(model, directory: str) -> None:
 def save_final(model, tokenizer, prompter, record: dict, output_dir: str) -> None:
     """Write the adapter, tokenizer and template beside the checkpoints, then run.json last."""
     os.makedirs(output_dir, exist_ok=True)
-    staging = tempfile.mkdtemp(dir=output_dir, prefix=".final-")
+    for name in os.listdir(output_dir):  # left by a run stopped during its final save
+        if name.startswith(FINAL_STAGING):
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+    staging = tempfile.mkdtemp(dir=output_dir, prefix=FINAL_STAGING)
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         prompter.save(staging)
         verify_saved_adapter(model, staging)
+        make_readable(staging)
         for name in os.listdir(staging):
             target = os.path.join(output_dir, name)
             if os.path.isdir(target):

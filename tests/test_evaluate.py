@@ -77,6 +77,26 @@ def test_end_to_end_svamp_and_boolq(tmp_path, checkpoint, data_dir):
     assert ",llama,llama-lora,SVAMP," in lines[1] and ",llama,llama-lora,boolq," in lines[2]
 
 
+def test_a_set_finished_by_a_stopped_run_gets_its_results_row_once(tmp_path, checkpoint, data_dir, monkeypatch):
+    """Stopped between metrics.json and its results.csv row, the run's next call adds the row, and later calls add
+    no second one."""
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    flags = dict(lora_weights=checkpoint, dataset="SVAMP", data_dir=data_dir, max_examples=2)
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluate, "append_result", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            run(tmp_path, **flags)
+    out = str(tmp_path / "out")
+    assert not os.path.exists(os.path.join(out, "results.csv"))
+    finished_at = metrics(os.path.join(out, "llama-llama-lora", "SVAMP"))["finished_at"]
+    for _ in range(2):
+        run(tmp_path, **flags)
+        with open(os.path.join(out, "results.csv"), newline="") as f:
+            assert [(row["dataset"], row["finished_at"]) for row in csv.DictReader(f)] == [("SVAMP", finished_at)]
+
+
 def test_labels_name_folders_inside_the_output_dir(tmp_path, checkpoint, data_dir):
     """A hub id or a `..` as a label stays in the tables but cannot put the run's folder anywhere else."""
     out = run(tmp_path / "deep" / "er", lora_weights=checkpoint, dataset="SVAMP", data_dir=data_dir, max_examples=1,

@@ -15,7 +15,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 import finetune
 from peft_ext import adapters, training
+from peft_ext.checkpoint import resolve_checkpoint
 from peft_ext.errors import UsageError
+from peft_ext.files import INCOMPLETE
 from tiny import FAMILIES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,8 +100,15 @@ def test_every_method_learns_saves_and_reloads_on_every_family(family, method, t
 
 def test_output_directory_contract(tiny_model_dir, data_file, tmp_path):
     out = tmp_path / "out"
-    finetune.train(**quick_args(tiny_model_dir("llama"), data_file, out, val_set_size=1, eval_step=10, prompt_template_name="vicuna",
-                                report_to="tensorboard"))
+    umask = os.umask(0o022)
+    try:
+        finetune.train(**quick_args(tiny_model_dir("llama"), data_file, out, val_set_size=1, eval_step=10,
+                                    prompt_template_name="vicuna", report_to="tensorboard"))
+    finally:
+        os.umask(umask)
+    for folder in (out, out / "checkpoint-30"):  # readable by others, as the umask says (safetensors makes files private)
+        assert {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir() if p.is_file()} == {
+            p.name: 0o644 for p in folder.iterdir() if p.is_file()}
     names = set(os.listdir(out))
     assert {"adapter_config.json", "adapter_model.safetensors", "run.json", "prompt_template.json", "tokenizer_config.json"} <= names
     assert not any(n.startswith(".") for n in names)  # no staging leftovers
@@ -126,8 +135,8 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(method, tiny_model_dir
     finetune.train(**quick_args(base, data_file, tmp_path / "straight", **args))
 
     class Crash(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            if state.global_step == 10:
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 10:  # the step after checkpoint-10 was saved
                 raise KeyboardInterrupt
 
     make = training.make_trainer
@@ -160,6 +169,50 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(method, tiny_model_dir
     assert [step for step, _ in resumed["loss_history"]] == [step for step, _ in straight["loss_history"]] == [1, 10, 20]
     before = json.loads((tmp_path / "crashed" / "checkpoint-10" / "run_clock.json").read_text())
     assert resumed["train_seconds"] > before["train_seconds"] > 0 and resumed["wall_seconds"] > before["wall_seconds"]
+
+
+def test_a_stop_while_saving_resumes_from_the_last_whole_checkpoint(tiny_model_dir, data_file, tmp_path, capsys):
+    """Stopped after the Trainer's files of checkpoint-20 and before this project's (p-tuning's encoder among them),
+    `latest` continues from checkpoint-10, not from the half-saved folder, and lands on the uninterrupted run; the
+    half-saved folder is refused by name, as a checkpoint to resume and as an adapter to evaluate."""
+    base, out = tiny_model_dir("llama"), tmp_path / "stopped"
+    args = dict(max_steps=30, save_step=10, adapter_name="p-tuning", num_virtual_tokens=4)
+    finetune.train(**quick_args(base, data_file, tmp_path / "straight", **args))
+
+    class StopWhileSaving(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 20:
+                raise KeyboardInterrupt
+
+    make = training.make_trainer
+
+    def stopping(*a, **k):
+        trainer = make(*a, **k)
+        trainer.callback_handler.callbacks.insert(0, StopWhileSaving())  # before this project's callbacks
+        return trainer
+
+    training.make_trainer = stopping
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            finetune.train(**quick_args(base, data_file, out, **args))
+    finally:
+        training.make_trainer = make
+    half = out / "checkpoint-20"
+    assert (half / "trainer_state.json").exists() and not (half / training.TrainableState.FILE).exists()
+    with pytest.raises(UsageError, match="was not saved whole"):
+        finetune.train(**quick_args(base, data_file, out, resume_from_checkpoint=str(half), **args))
+    with pytest.raises(UsageError, match="was not saved whole"):
+        resolve_checkpoint("", str(half))
+    capsys.readouterr()
+    finetune.train(**quick_args(base, data_file, out, resume_from_checkpoint="latest", **args))
+    assert (f"note: {half} was not saved whole (the run stopped while saving), and will be removed; continuing from "
+            f"{out / 'checkpoint-10'}") in capsys.readouterr().out
+    assert json.loads((out / "run.json").read_text())["resumed_at_step"] == 10
+    assert not list(out.rglob(INCOMPLETE))
+    straight = load_file(tmp_path / "straight" / "adapter_model.safetensors")
+    resumed = load_file(out / "adapter_model.safetensors")
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=1e-5, atol=1e-6)
 
 
 # Families without dropout in the base model: dropout masks are drawn per batch shape, so packed and padded
@@ -319,6 +372,20 @@ def test_the_best_checkpoint_is_the_best_of_the_saved_ones(tiny_model_dir, data_
     record = train_with_validation_losses([0.9, 0.8, 0.1, 0.5], monkeypatch, tiny_model_dir("llama"), data_file, out,
                                           max_steps=8, eval_step=2, save_step=4)
     assert (record["adapter_step"], record["adapter_val_loss"]) == (8, 0.5)
+
+
+def test_a_run_moved_before_its_resume_still_ends_on_its_best_checkpoint(tiny_model_dir, data_file, tmp_path, monkeypatch):
+    """Stopped at step 6 before its final save, the best checkpoint so far the one of step 4, then moved: the path of
+    the best checkpoint in trainer_state.json leads nowhere now, and the run must still end on step 4's adapter."""
+    base, out = tiny_model_dir("llama"), tmp_path / "run"
+    train_with_validation_losses([0.9, 0.5, 0.7], monkeypatch, base, data_file, out, max_steps=6, eval_step=2, save_step=2)
+    shutil.rmtree(out / "checkpoint-6")
+    os.remove(out / "run.json")
+    moved = tmp_path / "moved"
+    shutil.move(out, moved)
+    record = train_with_validation_losses([0.7], monkeypatch, base, data_file, moved, max_steps=6, eval_step=2, save_step=2,
+                                          resume_from_checkpoint="latest")
+    assert (record["resumed_at_step"], record["adapter_step"], record["adapter_val_loss"]) == (4, 4, 0.5)
 
 
 def test_resuming_with_another_recipe_is_refused_before_loading(tiny_model_dir, data_file, tmp_path, monkeypatch):

@@ -30,6 +30,8 @@ def files(tmp_path_factory, tiny_model_dir):
     (d / "list_input.json").write_text(json.dumps([{"instruction": "Sum these", "input": [1, 2], "output": "3"}]))
     (d / "run" / "checkpoint-4").mkdir(parents=True)
     (d / "run" / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    (d / "run" / "checkpoint-7").mkdir()  # stopped while saving: the adapter written, the trainer state not
+    (d / "run" / "checkpoint-7" / "adapter_config.json").write_text('{"peft_type": "LORA"}')
     return {"dir": d, "model": tiny_model_dir("llama")}
 
 
@@ -64,6 +66,7 @@ CASES = {
     "val set too big": ({"val_set_size": 4}, "leaves no training data"),
     "8 and 4 bit": ({"load_8bit": True, "load_4bit": True}, "exclude each other"),
     "resume from nothing": ({"resume_from_checkpoint": "{dir}"}, "neither a checkpoint-N folder nor an adapter folder"),
+    "resume a half-saved checkpoint": ({"resume_from_checkpoint": "{dir}/run/checkpoint-7"}, "was not saved whole"),
     "output into a checkpoint": ({"output_dir": "{dir}/run/checkpoint-4"}, "is a checkpoint of a run; to continue that run pass"),
 }
 
@@ -118,3 +121,18 @@ def test_refuses_to_train_over_a_finished_run(files, tmp_path):
                          "val_set_size": 0}, files["dir"])
     assert done.returncode == 2 and "already holds a run" in done.stderr
     assert os.listdir(out) == ["run.json"] and (out / "run.json").read_text() == "{}"
+
+
+def test_a_warm_start_refuses_to_train_over_a_run(files, tmp_path):
+    """Without --overwrite it would replace the run's adapter and run.json and leave its checkpoint-N behind, for
+    `latest` to continue under the new run's record."""
+    out = tmp_path / "out"
+    (out / "checkpoint-6").mkdir(parents=True)
+    (out / "run.json").write_text("{}")
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    with pytest.raises(UsageError, match="already holds a run, which a warm start from .* would train over; replace it "
+                                         "with --overwrite"):
+        finetune.train(base_model=files["model"], data_path=str(files["dir"] / "good.json"), output_dir=str(out),
+                       resume_from_checkpoint=str(tmp_path / "adapter"))
+    assert sorted(os.listdir(out)) == ["checkpoint-6", "run.json"]
