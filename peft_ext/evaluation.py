@@ -39,7 +39,6 @@ RESULT_FIELDS = [
     "num_beams", "temperature", "max_new_tokens", "batch_size", "answer_rule", "prompt_template", "dtype",
     "load_8bit", "load_4bit", "base_model", "lora_weights", "world_size",
 ]
-RESULT_KEY = ("finished_at", "model", "adapter", "dataset")  # one finished set: its row's identity
 
 
 @dataclass
@@ -404,8 +403,8 @@ def stream_backing_off(model, tokenizer, rows: list[list[int]], config, batch_si
 
 
 def append_result(output_dir: str, result: dict, model: str, adapter: str, prompt_template: str) -> str:
-    """Add one finished set (its metrics) to OUTPUT/results.csv, created with its header, unless its row is there
-    already (a set finished by a run stopped before it wrote the row gets it from the next); returns the path. A file
+    """Add one finished set (its metrics) to OUTPUT/results.csv, created with its header, unless the same row is
+    there already (a set finished by a run stopped before it wrote its row gets it from the next); returns the path. A file
     from an earlier version first gets the columns it lacks, at its end (its rows and any columns of its own kept).
     Runs that finish at the same moment take turns (a lock on the folder), so none writes a second header."""
     row = {**result, **result["settings"], "model": model, "adapter": adapter,
@@ -417,8 +416,8 @@ def append_result(output_dir: str, result: dict, model: str, adapter: str, promp
             with open(path, newline="") as f:
                 reader = csv.DictReader(f)
                 header, rows = list(reader.fieldnames or []), list(reader)
-            key = [str(row.get(name, "")) for name in RESULT_KEY]
-            if any([old.get(name) or "" for name in RESULT_KEY] == key for old in rows):
+            cells = ["" if row.get(name) is None else str(row[name]) for name in RESULT_FIELDS]
+            if any([old.get(name) or "" for name in RESULT_FIELDS] == cells for old in rows):
                 return path
             fields = header + [name for name in RESULT_FIELDS if name not in header]
             if fields != header:
