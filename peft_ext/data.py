@@ -2,7 +2,8 @@
 
 Supported inputs: a JSON list or JSONL file of `{instruction, input, output}` records (or ShareGPT
 `conversations`); a directory holding `train.json` (its `test.json` is evaluate.py's); a `.txt` file of raw
-text, chunked into `cutoff_len`-token blocks; a `datasets` hub id.
+text, chunked into `cutoff_len`-token blocks; a `datasets` hub id (its train split: records, or raw text in a
+`text` column).
 """
 import os
 
@@ -42,18 +43,25 @@ def _check_records(records: list, path: str) -> None:
 def _records_dataset(path: str) -> Dataset:
     records = read_records(path)
     _check_records(records, path)
-    # Keep only the fields we use, so records with extra or ragged keys still form one table.
-    keep = ("instruction", "input", "output", "conversations")
-    rows = [{k: r.get(k) for k in keep if k in r} for r in records]
-    if any("conversations" in r for r in rows):
-        rows = [{"conversations": r.get("conversations"), **_instruction_fields(r)} for r in rows]
-    else:
-        rows = [_instruction_fields(r) for r in rows]
-    return Dataset.from_list(rows)
+    with_conversations = any("conversations" in r for r in records)
+    return Dataset.from_list([_training_row(r, with_conversations) for r in records])
+
+
+def _training_row(record: dict, with_conversations: bool) -> dict:
+    """The fields of a record that are trained on, the same in every row, so that records with extra or ragged
+    keys still form one table."""
+    row = {"conversations": record.get("conversations")} if with_conversations else {}
+    return {**row, **_instruction_fields(record)}
 
 
 def _instruction_fields(r: dict) -> dict:
     return {"instruction": r.get("instruction") or "", "input": r.get("input") or "", "output": r.get("output") or ""}
+
+
+def _is_raw_text(data: Dataset) -> bool:
+    """Raw text: a `text` column and no records to fill a template with (a hub set may hold both, as
+    tatsu-lab/alpaca does: its records are then what is trained on)."""
+    return "text" in data.column_names and not {"instruction", "output", "conversations"} & set(data.column_names)
 
 
 def training_file(data_path: str) -> str | None:
@@ -95,8 +103,12 @@ def _hub_dataset(name: str) -> Dataset:
     except Exception as e:  # the hub raises many kinds; all mean "cannot get it"
         raise UsageError(f"cannot load dataset {name!r} from the hub: {str(e).splitlines()[0][:300]}") from None
     split = data["train"]
+    if _is_raw_text(split):
+        return split.select_columns(["text"])
     _check_records(split.select(range(min(len(split), 1000))).to_list(), name)
-    return split
+    with_conversations = "conversations" in split.column_names
+    return split.map(lambda r: _training_row(r, with_conversations), remove_columns=split.column_names,
+                     desc="reading records")
 
 
 def split_validation(data: Dataset, val_set_size, seed: int) -> tuple[Dataset, Dataset | None]:
@@ -178,7 +190,7 @@ def training_sets(data: Dataset, val_set_size, seed: int, tokenizer, prompter: P
     def encoded(part: Dataset) -> Dataset:
         return tokenize(part, tokenizer, prompter, cutoff_len, train_on_inputs)
 
-    if "text" in data.column_names:
+    if _is_raw_text(data):
         return split_validation(encoded(data), val_set_size, seed)
     train, val = split_validation(data, val_set_size, seed)
     return encoded(train), encoded(val) if val is not None else None
@@ -186,7 +198,7 @@ def training_sets(data: Dataset, val_set_size, seed: int, tokenizer, prompter: P
 
 def tokenize(data: Dataset, tokenizer, prompter: Prompter, cutoff_len: int, train_on_inputs: bool) -> Dataset:
     """The dataset as model inputs; examples left with no trainable token are dropped, with a note."""
-    if "text" in data.column_names:
+    if _is_raw_text(data):
         rows = [block for text in data["text"] for block in chunk_text(tokenizer, text, cutoff_len)]
         return Dataset.from_list(rows)
     encoded = data.map(

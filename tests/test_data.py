@@ -128,6 +128,33 @@ def test_load_data_formats(tmp_path):
         load_data(str(tmp_path / "bad.jsonl"))
 
 
+def hub(monkeypatch, **splits):
+    """`datasets.load_dataset` answering with these splits (lists of records), as the hub would, offline."""
+    import datasets
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda name: datasets.DatasetDict(
+        {split: datasets.Dataset.from_list(records) for split, records in splits.items()}))
+
+
+def test_hub_records_with_a_text_column_go_through_the_template(monkeypatch, tokenizer):
+    """tatsu-lab/alpaca's records also hold their whole text, already formatted; the template and
+    --train_on_inputs decide what is trained on, as for a local file."""
+    text = "Below is an instruction... " + RECORD["instruction"] + " ### Response: " + RECORD["output"]
+    hub(monkeypatch, train=[{**RECORD, "text": text}] * 4)
+    data = load_data("tatsu-lab/alpaca")
+    assert sorted(data.column_names) == ["input", "instruction", "output"]
+    train, _ = training_sets(data, 0, 1, tokenizer, Prompter.load("alpaca"), 256, False)
+    trained = tokenizer.decode([t for t in train[0]["labels"] if t != IGNORE_INDEX], skip_special_tokens=True)
+    assert len(train) == 4 and trained == RECORD["output"]
+
+
+def test_hub_raw_text_is_its_text_column(monkeypatch, tokenizer):
+    hub(monkeypatch, train=[{"text": "the quick brown fox jumps over the lazy dog. " * 20, "source": "web"}])
+    data = load_data("some/corpus")
+    assert data.column_names == ["text"]
+    assert len(tokenize(data, tokenizer, Prompter.load("alpaca"), 32, False)) > 1
+
+
 def test_raw_text_is_chunked_to_cutoff(tmp_path, tokenizer):
     (tmp_path / "t.txt").write_text("the quick brown fox jumps over the lazy dog. " * 40)
     data = load_data(str(tmp_path / "t.txt"))
