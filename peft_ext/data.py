@@ -102,6 +102,9 @@ def _hub_dataset(name: str) -> Dataset:
         data = load_dataset(name)
     except Exception as e:  # the hub raises many kinds; all mean "cannot get it"
         raise UsageError(f"cannot load dataset {name!r} from the hub: {str(e).splitlines()[0][:300]}") from None
+    if "train" not in data:
+        raise UsageError(f"dataset {name!r} has no 'train' split, only {', '.join(map(repr, data))}; save the split "
+                         "to train on as a JSON file and give its path as --data_path")
     split = data["train"]
     if _is_raw_text(split):
         return split.select_columns(["text"])

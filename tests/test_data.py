@@ -155,6 +155,13 @@ def test_hub_raw_text_is_its_text_column(monkeypatch, tokenizer):
     assert len(tokenize(data, tokenizer, Prompter.load("alpaca"), 32, False)) > 1
 
 
+def test_hub_set_without_a_train_split_is_refused_naming_its_splits(monkeypatch):
+    hub(monkeypatch, validation=[RECORD], test=[RECORD])
+    with pytest.raises(UsageError, match="^dataset 'some/set' has no 'train' split, only 'validation', 'test'; save the "
+                                         "split to train on as a JSON file and give its path as --data_path$"):
+        load_data("some/set")
+
+
 def test_raw_text_is_chunked_to_cutoff(tmp_path, tokenizer):
     (tmp_path / "t.txt").write_text("the quick brown fox jumps over the lazy dog. " * 40)
     data = load_data(str(tmp_path / "t.txt"))
