@@ -11,7 +11,8 @@ TEMPLATE_FILE = "prompt_template.json"  # the copy kept in every checkpoint dire
 REQUIRED_KEYS = ("prompt_input", "prompt_no_input", "response_split")
 # The placeholders each text may hold; any other would fail only when the first example is formatted.
 PLACEHOLDERS = {"prompt_input": {"instruction", "input"}, "prompt_no_input": {"instruction"},
-                "chat_user": {"message"}, "chat_assistant": {"message"}, "chat_system": set(), "response_split": set()}
+                "chat_user": {"message"}, "chat_assistant": {"message"}, "chat_system": set(),
+                "chat_system_message": {"message"}, "response_split": set()}
 
 
 def text_fields(template: dict) -> dict:
@@ -113,8 +114,8 @@ class Prompter:
         for turn in turns:
             role = turn.get("from", turn.get("role"))
             text = turn.get("value", turn.get("content"))
-            if role in ("system",):
-                segments[0] = (text + "\n\n", False)
+            if role in ("system",):  # the conversation's own system message, in place of the template's
+                segments[0] = (self.template.get("chat_system_message", "{message}\n\n").format(message=text), False)
             elif role in ("human", "user"):
                 segments.append((self.template["chat_user"].format(message=text), False))
             elif role in ("gpt", "assistant", "bot", "model"):

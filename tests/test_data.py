@@ -104,6 +104,15 @@ def test_conversation_masks_user_turns(tokenizer):
     assert "What is 2+2?" not in text and "And 3+3?" not in text
 
 
+def test_a_conversations_system_message_is_wrapped_as_the_template_says():
+    turns = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]
+    chatml = "".join(text for text, _ in Prompter.load("chatml").conversation_segments(turns))
+    assert chatml == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n"
+                      "<|im_start|>assistant\n4<|im_end|>\n")
+    vicuna = "".join(text for text, _ in Prompter.load("vicuna").conversation_segments(turns))
+    assert vicuna == "Be brief.\n\nUSER: 2+2?\nASSISTANT: 4\n"  # a template without chat_system_message
+
+
 def test_load_data_formats(tmp_path):
     records = [RECORD, {**RECORD, "instruction": "2+2?", "extra": 1}]
     (tmp_path / "a.json").write_text(json.dumps(records))
