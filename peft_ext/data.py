@@ -11,7 +11,7 @@ from datasets import Dataset
 
 from peft_ext.errors import UsageError
 from peft_ext.files import read_records, read_text
-from peft_ext.prompts import Prompter, check_input
+from peft_ext.prompts import Prompter, check_input, turn_role_and_text
 
 IGNORE_INDEX = -100  # label of a token that carries no loss
 
@@ -25,7 +25,7 @@ def _check_records(records: list, path: str) -> None:
         if r.get("conversations"):
             turns = r["conversations"]
             if not isinstance(turns, list) or not all(
-                    isinstance(t, dict) and isinstance(t.get("value", t.get("content")), str) for t in turns):
+                    isinstance(t, dict) and isinstance(turn_role_and_text(t)[1], str) for t in turns):
                 raise UsageError(f"record {i} of {path}: 'conversations' must be a list of turns, each "
                                  "{from, value} or {role, content} with text as the value")
             continue

@@ -27,6 +27,13 @@ def check_input(record: dict, where: str) -> None:
         raise UsageError(f"{where} has an 'input' that is a {type(value).__name__}, not text; give the input as a string")
 
 
+def turn_role_and_text(turn: dict) -> tuple:
+    """A ShareGPT turn's role and text, of {from, value} or {role, content}: the first of each pair that is not
+    None, since a table of records that mix the two spellings gives every turn all four keys."""
+    return tuple(next((turn[k] for k in pair if turn.get(k) is not None), None)
+                 for pair in (("from", "role"), ("value", "content")))
+
+
 def available_templates() -> list[str]:
     return sorted(p.stem for p in TEMPLATES_DIR.glob("*.json"))
 
@@ -112,8 +119,7 @@ class Prompter:
                 )
         segments = [(self.template.get("chat_system", ""), False)]
         for turn in turns:
-            role = turn.get("from", turn.get("role"))
-            text = turn.get("value", turn.get("content"))
+            role, text = turn_role_and_text(turn)
             if role in ("system",):  # the conversation's own system message, in place of the template's
                 segments[0] = (self.template.get("chat_system_message", "{message}\n\n").format(message=text), False)
             elif role in ("human", "user"):

@@ -113,6 +113,17 @@ def test_a_conversations_system_message_is_wrapped_as_the_template_says():
     assert vicuna == "Be brief.\n\nUSER: 2+2?\nASSISTANT: 4\n"  # a template without chat_system_message
 
 
+def test_records_may_mix_the_two_spellings_of_turns(tmp_path, monkeypatch):
+    """One table gives every turn both pairs of keys, the other pair None."""
+    records = [{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]},
+               {"conversations": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}]
+    (tmp_path / "mixed.json").write_text(json.dumps(records))
+    hub(monkeypatch, train=records)
+    for data in load_data(str(tmp_path / "mixed.json")), load_data("some/chats"):
+        texts = ["".join(t for t, _ in Prompter.load("vicuna").record_segments(r)) for r in data]
+        assert texts[0].endswith("USER: hi\nASSISTANT: hello\n") and texts[1].endswith("USER: 2+2?\nASSISTANT: 4\n")
+
+
 def test_load_data_formats(tmp_path):
     records = [RECORD, {**RECORD, "instruction": "2+2?", "extra": 1}]
     (tmp_path / "a.json").write_text(json.dumps(records))
