@@ -147,27 +147,45 @@ def encode(tokenizer, segments: list[tuple[str, bool]], cutoff_len: int, train_o
     """Token ids, attention mask and labels of one example made of (text, is_answer) segments.
 
     The text is tokenized whole, as at inference. With `train_on_inputs=False`, a token is masked when
-    it lies entirely inside a prompt segment: the prefix ending at each segment boundary is tokenized
-    alone and compared with the whole, so a token merged across the boundary stays trainable and the
-    first answer token is never masked. EOS is appended when it fits within `cutoff_len`.
+    it lies entirely inside a prompt segment (`_segment_spans`), so a token merged across the boundary stays
+    trainable and the first answer token is never masked. EOS is appended when it fits within `cutoff_len`.
     """
+    return _encode(tokenizer, segments, cutoff_len, train_on_inputs)[0]
+
+
+def _encode(tokenizer, segments: list[tuple[str, bool]], cutoff_len: int, train_on_inputs: bool) -> tuple[dict, bool]:
+    """`encode`'s example, and whether a response token (EOS included) lies within `cutoff_len`."""
     text = "".join(t for t, _ in segments)
     ids = tokenizer(text)["input_ids"]
     labels = list(ids)
-    if not train_on_inputs:
-        start, boundary = 0, 0
-        for seg_text, is_answer in segments:
-            boundary += len(seg_text)
-            end = len(ids) if boundary >= len(text) else _common_prefix(tokenizer(text[:boundary])["input_ids"], ids)
-            end = max(end, start)
+    spans = _segment_spans(tokenizer, segments, text, ids)
+    if train_on_inputs:  # only where the response starts matters: no prefix past it is tokenized
+        response_start = next((start for start, end, is_answer in spans if is_answer and end > start), len(ids))
+    else:
+        response_start = len(ids)  # where EOS goes, when no answer has a token of its own
+        for start, end, is_answer in spans:
             if not is_answer:
                 labels[start:end] = [IGNORE_INDEX] * (end - start)
-            start = end
+            elif end > start:
+                response_start = min(response_start, start)
     eos = tokenizer.eos_token_id
     if eos is not None and (not ids or ids[-1] != eos) and len(ids) < cutoff_len:
         ids, labels = ids + [eos], labels + [eos]
     ids, labels = ids[:cutoff_len], unpredicted_first(labels[:cutoff_len])
-    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}, response_start < len(ids)
+
+
+def _segment_spans(tokenizer, segments: list[tuple[str, bool]], text: str, ids: list[int]):
+    """Each segment's tokens in `ids` (the whole `text` tokenized) as (start, end, is_answer): the prefix ending at
+    each segment boundary is tokenized alone and compared with the whole, so that a token merged across a boundary
+    belongs to the later segment."""
+    start, boundary = 0, 0
+    for seg_text, is_answer in segments:
+        boundary += len(seg_text)
+        end = len(ids) if boundary >= len(text) else _common_prefix(tokenizer(text[:boundary])["input_ids"], ids)
+        end = max(end, start)
+        yield start, end, is_answer
+        start = end
 
 
 def unpredicted_first(labels: list[int]) -> list[int]:
@@ -200,18 +218,19 @@ def training_sets(data: Dataset, val_set_size, seed: int, tokenizer, prompter: P
 
 
 def tokenize(data: Dataset, tokenizer, prompter: Prompter, cutoff_len: int, train_on_inputs: bool) -> Dataset:
-    """The dataset as model inputs; examples left with no trainable token are dropped, with a note."""
+    """The dataset as model inputs; examples with no response token within `cutoff_len` are dropped, with a note,
+    whatever `train_on_inputs`: cut within its prompt, an example teaches no answer."""
     if _is_raw_text(data):
         rows = [block for text in data["text"] for block in chunk_text(tokenizer, text, cutoff_len)]
         return Dataset.from_list(rows)
-    encoded = data.map(
-        lambda r: encode(tokenizer, prompter.record_segments(r), cutoff_len, train_on_inputs),
-        remove_columns=data.column_names,
-        desc="tokenizing",
-    )
-    kept = encoded.filter(lambda r: any(label != IGNORE_INDEX for label in r["labels"]), desc="dropping empty")
+
+    def encoded_record(record: dict) -> dict:
+        example, has_response = _encode(tokenizer, prompter.record_segments(record), cutoff_len, train_on_inputs)
+        return {**example, "has_response": has_response}
+
+    encoded = data.map(encoded_record, remove_columns=data.column_names, desc="tokenizing")
+    kept = encoded.filter(bool, input_columns="has_response", desc="dropping empty").remove_columns("has_response")
     if len(kept) < len(encoded):
         print(f"note: {len(encoded) - len(kept)} of {len(encoded)} examples are left out, with no response token to "
-              f"learn from within --cutoff_len {cutoff_len}: their prompt fills it (a larger --cutoff_len keeps them) "
-              "or their response is empty")
+              f"learn from within --cutoff_len {cutoff_len}: their prompt fills it (a larger --cutoff_len keeps them)")
     return kept

@@ -205,14 +205,18 @@ def test_raw_text_holds_out_whole_blocks(tmp_path, tokenizer):
         training_sets(data, 120, 1, tokenizer, Prompter.load("alpaca"), 32, False)
 
 
-def test_examples_without_a_token_to_learn_are_left_out_with_a_note(tokenizer, capsys):
+@pytest.mark.parametrize("train_on_inputs", [False, True])
+def test_examples_without_a_response_token_are_left_out_with_a_note(train_on_inputs, tokenizer, capsys):
+    """...whatever --train_on_inputs; an empty response is kept, since EOS is trained."""
     from datasets import Dataset
 
-    records = [{"instruction": "word " * 200, "output": "long prompt"}, {"instruction": "2+2?", "output": "4"}]
-    kept = tokenize(Dataset.from_list(records), tokenizer, Prompter.load("alpaca"), 128, False)
-    assert len(kept) == 1
-    assert "note: 1 of 2 examples are left out, with no response token to learn from within --cutoff_len 128: " \
-           "their prompt fills it" in capsys.readouterr().out
+    records = [{"instruction": "word " * 200, "output": "long prompt"}, {"instruction": "2+2?", "output": "4"},
+               {"instruction": "Say nothing.", "output": ""}]
+    kept = tokenize(Dataset.from_list(records), tokenizer, Prompter.load("alpaca"), 128, train_on_inputs)
+    assert len(kept) == 2 and [row[-1] for row in kept["labels"]] == [tokenizer.eos_token_id] * 2
+    assert capsys.readouterr().out.endswith(
+        "note: 1 of 3 examples are left out, with no response token to learn from within --cutoff_len 128: their "
+        "prompt fills it (a larger --cutoff_len keeps them)\n")
 
 
 @pytest.mark.parametrize(("size", "expected"), [(0, 0), (3, 3), (0.25, 5), (0.5, 10)])
