@@ -159,6 +159,9 @@ def train(
     train_set, val_set = training_sets(train_data, val_set_size, seed, tokenizer, prompter, cutoff_len, train_on_inputs)
     if len(train_set) == 0:
         raise UsageError("no training example has a token to learn from; raise --cutoff_len")
+    if val_set is not None and len(val_set) == 0:  # the Trainer would fail at its first evaluation, well into the run
+        raise UsageError(f"no validation example has a response token within --cutoff_len {cutoff_len}; raise "
+                         "--cutoff_len, or hold out more records with --val_set_size (0 for none)")
     model = load_base_model(base_model, load_8bit, load_4bit, trust_remote_code=trust_remote_code)
     adopt_pad_token(model, tokenizer)
     model = training.prepare_base(model, quantized=load_8bit or load_4bit, checkpointing=use_gradient_checkpointing)

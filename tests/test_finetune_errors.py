@@ -27,6 +27,8 @@ def files(tmp_path_factory, tiny_model_dir):
                                                         "response_split": "### Response:"}))
     (d / "numeric_output.json").write_text(json.dumps([{"instruction": "2+3?", "output": 5}]))
     (d / "bad_turns.json").write_text(json.dumps([{"conversations": "hello"}]))
+    # seed 42 holds out the last of four records: here the one whose prompt fills --cutoff_len
+    (d / "long_last.json").write_text(json.dumps(GOOD[:3] + [{"instruction": "word " * 300, "output": "x"}]))
     (d / "list_input.json").write_text(json.dumps([{"instruction": "Sum these", "input": [1, 2], "output": "3"}]))
     (d / "run" / "checkpoint-4").mkdir(parents=True)
     (d / "run" / "checkpoint-4" / "trainer_state.json").write_text("{}")
@@ -64,6 +66,8 @@ CASES = {
     "output dir under a file": ({"output_dir": "{dir}/a_file/out"}, "cannot be made: {dir}/a_file is a file"),
     "missing base model": ({"base_model": "{dir}/no_model"}, "does not exist"),
     "val set too big": ({"val_set_size": 4}, "leaves no training data"),
+    "val set left empty": ({"data_path": "{dir}/long_last.json", "val_set_size": 1},
+                           "no validation example has a response token within --cutoff_len 256; raise --cutoff_len"),
     "8 and 4 bit": ({"load_8bit": True, "load_4bit": True}, "exclude each other"),
     "resume from nothing": ({"resume_from_checkpoint": "{dir}"}, "neither a checkpoint-N folder nor an adapter folder"),
     "resume a half-saved checkpoint": ({"resume_from_checkpoint": "{dir}/run/checkpoint-7"}, "was not saved whole"),
