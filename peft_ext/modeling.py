@@ -70,6 +70,37 @@ def load_config(base_model: str, trust_remote_code: bool = False):
     return _from_pretrained(AutoConfig, base_model, trust_remote_code=trust_remote_code)
 
 
+def load_skeleton(base_config, trust_remote_code: bool = False):
+    """The model's modules built on the meta device, with no weights: what checks of its layers read, so that bad
+    input fails in a second instead of after minutes of loading a large model."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(base_config, trust_remote_code=trust_remote_code)
+
+
+# Names of learned position tables: GPT-2, GPT-Neo and StarCoder's wpe, OPT and BioGPT's embed_positions, others'.
+POSITION_TABLES = ("wpe", "embed_positions", "position_embeddings")
+
+
+def position_limit(model) -> int | None:
+    """How many positions `model` can read, when it looks them up in a table of fixed size: a learned one (less
+    its offset: OPT's first 2 rows are never looked up) or GPT-J's and CodeGen's precomputed rotary table; None
+    for a model that computes them (RoPE, ALiBi)."""
+    sizes = [module.num_embeddings - getattr(module, "offset", 0) for name, module in model.named_modules()
+             if isinstance(module, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in POSITION_TABLES]
+    sizes += [buffer.shape[0] for name, buffer in model.named_buffers() if name.rsplit(".", 1)[-1] == "embed_positions"]
+    return min(sizes, default=None)
+
+
+def check_position_limit(model, base_model: str, longest: int, virtual_tokens: int = 0) -> None:
+    """Refuse examples (with the virtual tokens that prompt methods put before them) of more tokens than `model`
+    has positions: a lookup past its table fails mid-run."""
+    limit = position_limit(model)
+    if limit is not None and longest + virtual_tokens > limit:
+        virtual = f" and {virtual_tokens} virtual tokens" if virtual_tokens else ""
+        raise UsageError(f"an example of {longest} tokens{virtual} is longer than {base_model!r} can read ({limit} "
+                         f"positions); lower --cutoff_len to {limit - virtual_tokens}")
+
+
 def quantization_config(load_8bit: bool = False, load_4bit: bool = False,
                         dtype: torch.dtype | None = None) -> BitsAndBytesConfig | None:
     if load_8bit and load_4bit:

@@ -140,3 +140,44 @@ def test_a_warm_start_refuses_to_train_over_a_run(files, tmp_path):
         finetune.train(base_model=files["model"], data_path=str(files["dir"] / "good.json"), output_dir=str(out),
                        resume_from_checkpoint=str(tmp_path / "adapter"))
     assert sorted(os.listdir(out)) == ["checkpoint-6", "run.json"]
+
+
+@pytest.mark.parametrize(("family", "limit"), [("gpt2", 512), ("opt", 512), ("gptj", 512), ("llama", None), ("bloom", None)])
+def test_position_limit_is_where_a_forward_pass_starts_to_fail(family, limit, tiny_model_dir):
+    """GPT-2 and OPT learn a table of positions (OPT's has 2 rows more, an offset), GPT-J precomputes its rotary one;
+    LLaMA's RoPE and BLOOM's ALiBi compute them, for any length."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from peft_ext.modeling import load_skeleton, position_limit
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(family))
+    assert position_limit(load_skeleton(model.config)) == limit
+    if limit:
+        model(torch.zeros(1, limit, dtype=torch.long))
+        with pytest.raises((IndexError, RuntimeError)):
+            model(torch.zeros(1, limit + 1, dtype=torch.long))
+
+
+class ModelLoaded(Exception):
+    pass
+
+
+@pytest.mark.parametrize(("family", "adapter_name", "cutoff_len", "refusal"), [
+    ("gpt2", "lora", 1024, "an example of 1024 tokens is longer than {model!r} can read (512 positions); lower --cutoff_len to 512"),
+    ("opt", "lora", 1024, "an example of 1024 tokens is longer than {model!r} can read (512 positions); lower --cutoff_len to 512"),
+    ("gpt2", "prompt-tuning", 500, ("an example of 500 tokens and 30 virtual tokens is longer than {model!r} can read "
+                                    "(512 positions); lower --cutoff_len to 482")),
+    ("llama", "lora", 1024, None),
+])
+def test_examples_longer_than_a_position_table_are_refused_before_the_model_loads(
+        family, adapter_name, cutoff_len, refusal, tiny_model_dir, tmp_path, monkeypatch):
+    """Training would fail at the first such example with an IndexError, after the model loaded."""
+    (tmp_path / "long.json").write_text(json.dumps([{"instruction": "Count.", "output": "word " * 600}] * 4))
+    monkeypatch.setattr(finetune, "load_base_model", lambda *a, **k: (_ for _ in ()).throw(ModelLoaded()))
+    model = tiny_model_dir(family)
+    with pytest.raises(UsageError if refusal else ModelLoaded) as refused:
+        finetune.train(base_model=model, data_path=str(tmp_path / "long.json"), output_dir=str(tmp_path / "out"),
+                       adapter_name=adapter_name, cutoff_len=cutoff_len, val_set_size=0, batch_size=2, micro_batch_size=2)
+    if refusal:
+        assert str(refused.value) == refusal.format(model=model)
