@@ -55,7 +55,9 @@ def _training_row(record: dict, with_conversations: bool) -> dict:
 
 
 def _instruction_fields(r: dict) -> dict:
-    return {"instruction": r.get("instruction") or "", "input": r.get("input") or "", "output": r.get("output") or ""}
+    value = r.get("input")  # a number is a valid input (check_input), as text, to share one column with text
+    return {"instruction": r.get("instruction") or "", "input": "" if value is None else str(value),
+            "output": r.get("output") or ""}
 
 
 def _is_raw_text(data: Dataset) -> bool:

@@ -182,6 +182,13 @@ def test_hub_set_without_a_train_split_is_refused_naming_its_splits(monkeypatch)
         load_data("some/set")
 
 
+def test_a_number_as_input_is_read_as_text_beside_text_inputs(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps([{**RECORD, "input": 12}, {**RECORD, "input": "x"}, {**RECORD, "input": 0}]))
+    data = load_data(str(tmp_path / "a.json"))
+    assert data["input"] == ["12", "x", "0"]
+    assert "\n12\n" in "".join(t for t, _ in Prompter.load("alpaca").record_segments(data[0]))
+
+
 def test_raw_text_is_chunked_to_cutoff(tmp_path, tokenizer):
     (tmp_path / "t.txt").write_text("the quick brown fox jumps over the lazy dog. " * 40)
     data = load_data(str(tmp_path / "t.txt"))
