@@ -159,6 +159,9 @@ def train(
 
     # Load the tokenizer and data, then the model, then wrap it in the adapter.
     tokenizer = load_tokenizer(base_model, trust_remote_code)
+    if tokenizer.eos_token_id is None:  # appended to every example, it is how a model learns to stop
+        raise UsageError(f"the tokenizer of {base_model!r} has no EOS token, so the model would never learn to stop; "
+                         "name one as \"eos_token\" in its tokenizer_config.json")
     train_set, val_set = training_sets(train_data, val_set_size, seed, tokenizer, prompter, cutoff_len, train_on_inputs)
     if len(train_set) == 0:
         raise UsageError("no training example has a token to learn from; raise --cutoff_len")

@@ -54,10 +54,10 @@ def _from_pretrained(loader, base_model: str, **kwargs):
 
 
 def load_tokenizer(base_model: str, trust_remote_code: bool = False):
-    """The tokenizer, with a pad token (many causal LMs ship without one)."""
+    """The tokenizer, with a pad token (many causal LMs ship without one; padding is masked, so any token will do)."""
     tokenizer = _from_pretrained(AutoTokenizer, base_model, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token or tokenizer.bos_token
     return tokenizer
 
 

@@ -8,6 +8,7 @@ import pytest
 
 import finetune
 from peft_ext.errors import UsageError
+from tiny import without_eos
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOOD = [{"instruction": "What is 2 + 3?", "input": "", "output": "The answer is 5."}] * 4
@@ -34,6 +35,7 @@ def files(tmp_path_factory, tiny_model_dir):
     (d / "run" / "checkpoint-4" / "trainer_state.json").write_text("{}")
     (d / "run" / "checkpoint-7").mkdir()  # stopped while saving: the adapter written, the trainer state not
     (d / "run" / "checkpoint-7" / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    without_eos(tiny_model_dir("llama"), str(d / "no_eos"))
     return {"dir": d, "model": tiny_model_dir("llama")}
 
 
@@ -65,6 +67,8 @@ CASES = {
     "output dir is a file": ({"output_dir": "{dir}/a_file"}, "is a file"),
     "output dir under a file": ({"output_dir": "{dir}/a_file/out"}, "cannot be made: {dir}/a_file is a file"),
     "missing base model": ({"base_model": "{dir}/no_model"}, "does not exist"),
+    "tokenizer without EOS": ({"base_model": "{dir}/no_eos"}, ("has no EOS token, so the model would never learn to "
+                                                               "stop; name one as \"eos_token\" in its tokenizer_config.json")),
     "val set too big": ({"val_set_size": 4}, "leaves no training data"),
     "val set left empty": ({"data_path": "{dir}/long_last.json", "val_set_size": 1},
                            "no validation example has a response token within --cutoff_len 256; raise --cutoff_len"),

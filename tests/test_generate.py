@@ -21,6 +21,7 @@ from peft_ext.checkpoint import load_for_inference, resolve_checkpoint
 from peft_ext.demo import decoding, stream_response
 from peft_ext.errors import UsageError
 from peft_ext.generation import generate as generate_batch
+from tiny import without_eos
 
 spec = importlib.util.spec_from_file_location("generate_script", os.path.join(ROOT, "generate.py"))
 generate = importlib.util.module_from_spec(spec)
@@ -57,6 +58,14 @@ def test_prompt_prints_one_answer_with_any_adapter(llama, tmp_path, capsys, meth
     if method:
         flags = dict(weights_path=make_checkpoint(llama, str(tmp_path / "ckpt"), method, **options))
     generate.main(prompt=QUESTION, max_new_tokens=8, **flags)
+    assert capsys.readouterr().out.strip()
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_a_model_without_an_eos_token_answers_up_to_its_budget(llama, tmp_path, capsys, num_beams):
+    """With no EOS, nor an UNK to pad with (beams pad with BOS then), it stops at a stop string or the budget."""
+    model = without_eos(llama, str(tmp_path / "no-eos"))
+    generate.main(prompt=QUESTION, base_model=model, max_new_tokens=8, num_beams=num_beams)
     assert capsys.readouterr().out.strip()
 
 
