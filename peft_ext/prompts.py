@@ -9,10 +9,12 @@ from peft_ext.errors import UsageError
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
 TEMPLATE_FILE = "prompt_template.json"  # the copy kept in every checkpoint directory
 REQUIRED_KEYS = ("prompt_input", "prompt_no_input", "response_split")
-# The placeholders each text may hold; any other would fail only when the first example is formatted.
+# The placeholders each text holds: any other would fail only when the first example is formatted, and one left out
+# would leave out what it stands for (every prompt the same, or no input) without a word.
 PLACEHOLDERS = {"prompt_input": {"instruction", "input"}, "prompt_no_input": {"instruction"},
                 "chat_user": {"message"}, "chat_assistant": {"message"}, "chat_system": set(),
                 "chat_system_message": {"message"}, "response_split": set()}
+KNOWN_KEYS = {*PLACEHOLDERS, "stop", "name", "description"}
 
 
 def text_fields(template: dict) -> dict:
@@ -38,7 +40,7 @@ def available_templates() -> list[str]:
     return sorted(p.stem for p in TEMPLATES_DIR.glob("*.json"))
 
 
-def _check_text(name: str, key: str, text, allowed: set[str]) -> None:
+def _check_text(name: str, key: str, text, placeholders: set[str]) -> None:
     if not isinstance(text, str):
         raise UsageError(f"prompt template {name!r}: {key!r} must be a string, got {type(text).__name__}")
     try:
@@ -46,10 +48,14 @@ def _check_text(name: str, key: str, text, allowed: set[str]) -> None:
     except ValueError as e:
         raise UsageError(f"prompt template {name!r}: {key!r} is not a valid format string ({e}); "
                          "write {{ and }} for literal braces") from None
-    if used - allowed:
-        may = ", ".join("{" + f + "}" for f in sorted(allowed)) or "no placeholder"
-        raise UsageError(f"prompt template {name!r}: {key!r} uses {sorted(used - allowed)}, but may hold only {may} "
+    if used - placeholders:
+        may = ", ".join("{" + f + "}" for f in sorted(placeholders)) or "no placeholder"
+        raise UsageError(f"prompt template {name!r}: {key!r} uses {sorted(used - placeholders)}, but may hold only {may} "
                          "(write {{ and }} for literal braces)")
+    if placeholders - used:
+        lacking = ", ".join("{" + f + "}" for f in sorted(placeholders - used))
+        raise UsageError(f"prompt template {name!r}: {key!r} lacks {lacking}, so what it stands for would be left out "
+                         "of every text; add it")
 
 
 class Prompter:
@@ -59,9 +65,13 @@ class Prompter:
         missing = [k for k in REQUIRED_KEYS if k not in template]
         if missing:
             raise UsageError(f"prompt template {name!r} lacks the key(s) {missing}; see templates/README.md")
-        for key, allowed in PLACEHOLDERS.items():
+        unknown = sorted(set(template) - KNOWN_KEYS)
+        if unknown:  # a misspelt key (`stops`) would be ignored
+            raise UsageError(f"prompt template {name!r} has the unknown key(s) {unknown}; the keys are "
+                             f"{', '.join(sorted(KNOWN_KEYS))} (see templates/README.md)")
+        for key, placeholders in PLACEHOLDERS.items():
             if key in template:
-                _check_text(name, key, template[key], allowed)
+                _check_text(name, key, template[key], placeholders)
         stop = template.get("stop", [])
         if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
             raise UsageError(f"prompt template {name!r}: 'stop' must be a list of non-empty strings")

@@ -26,6 +26,10 @@ def files(tmp_path_factory, tiny_model_dir):
     (d / "list_template.json").write_text("[1, 2]")
     (d / "odd_placeholder.json").write_text(json.dumps({"prompt_input": "{instruction} {context}", "prompt_no_input": "{instruction}",
                                                         "response_split": "### Response:"}))
+    template = {"prompt_input": "{instruction}\n{input}\n", "prompt_no_input": "{instruction}\n", "response_split": "\n"}
+    (d / "no_input_placeholder.json").write_text(json.dumps({**template, "prompt_input": "{instruction}\n"}))
+    (d / "no_instruction_placeholder.json").write_text(json.dumps({**template, "prompt_no_input": "Answer:\n"}))
+    (d / "misspelt_key.json").write_text(json.dumps({**template, "stops": ["###"]}))
     (d / "numeric_output.json").write_text(json.dumps([{"instruction": "2+3?", "output": 5}]))
     (d / "bad_turns.json").write_text(json.dumps([{"conversations": "hello"}]))
     # seed 42 holds out the last of four records: here the one whose prompt fills --cutoff_len
@@ -49,6 +53,14 @@ CASES = {
     "template not an object": ({"prompt_template_name": "{dir}/list_template.json"}, "must be a JSON object"),
     "data not UTF-8": ({"data_path": "{dir}/latin1.json"}, "is not UTF-8 text"),
     "unknown placeholder": ({"prompt_template_name": "{dir}/odd_placeholder.json"}, "uses ['context'], but may hold only"),
+    "template drops the input": ({"prompt_template_name": "{dir}/no_input_placeholder.json"},
+                                 "'prompt_input' lacks {{input}}, so what it stands for would be left out of every text"),
+    "template drops the instruction": ({"prompt_template_name": "{dir}/no_instruction_placeholder.json"},
+                                       "'prompt_no_input' lacks {{instruction}}"),
+    "template key misspelt": ({"prompt_template_name": "{dir}/misspelt_key.json"},
+                              "has the unknown key(s) ['stops']; the keys are chat_assistant, chat_system, "
+                              "chat_system_message, chat_user, description, name, prompt_input, prompt_no_input, "
+                              "response_split, stop"),
     "numeric output": ({"data_path": "{dir}/numeric_output.json"}, "has a non-text 'output'"),
     "conversation not a list": ({"data_path": "{dir}/bad_turns.json"}, "'conversations' must be a list of turns"),
     "input a list": ({"data_path": "{dir}/list_input.json"}, "has an 'input' that is a list, not text"),
