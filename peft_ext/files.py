@@ -78,7 +78,8 @@ def _json_lines(path: str, text: str, whole_error: json.JSONDecodeError | None =
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:
-                detail = whole_error or f"line {number}: {e}"
+                # once a line has been read as a record, the file is JSON Lines: its bad line is the one to name
+                detail = whole_error if whole_error and not records else f"line {number}: {e}"
                 raise UsageError(f"{path} is neither JSON nor JSON Lines ({detail}); fix the file") from None
     return records
 

@@ -146,6 +146,9 @@ def test_load_data_formats(tmp_path):
     (tmp_path / "bad.jsonl").write_text(json.dumps(RECORD) + "\n{oops\n")
     with pytest.raises(UsageError, match="bad.jsonl is neither JSON nor JSON Lines \\(line 2: "):
         load_data(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "lines.json").write_text(json.dumps(RECORD) + "\n" + json.dumps(RECORD) + "\n{oops\n")  # JSON Lines
+    with pytest.raises(UsageError, match="lines.json is neither JSON nor JSON Lines \\(line 3: "):
+        load_data(str(tmp_path / "lines.json"))
 
 
 def hub(monkeypatch, **splits):
