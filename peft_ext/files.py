@@ -45,7 +45,7 @@ def check_writable(folder: str, flag: str = "--output_dir") -> None:
 
 def read_text(path: str) -> str:
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors write one) is dropped
             return f.read()
     except UnicodeDecodeError as e:
         raise UsageError(f"{path} is not UTF-8 text ({e}); save it as UTF-8") from None

@@ -94,7 +94,7 @@ class Prompter:
                 "or give the path of a template JSON file"
             )
         try:
-            template = json.loads(path.read_text(encoding="utf-8"))
+            template = json.loads(path.read_text(encoding="utf-8-sig"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UsageError(f"prompt template {path} is not valid UTF-8 JSON ({e}); fix the file") from None
         if not isinstance(template, dict):

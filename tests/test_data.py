@@ -7,7 +7,7 @@ from transformers import AutoTokenizer
 from peft_ext.adapters import parse_list
 from peft_ext.data import IGNORE_INDEX, encode, load_data, split_validation, tokenize, training_sets
 from peft_ext.errors import UsageError
-from peft_ext.prompts import Prompter, available_templates
+from peft_ext.prompts import TEMPLATES_DIR, Prompter, available_templates
 
 RECORD = {"instruction": "Tom has 3 apples and buys 5 more. How many apples does he have?", "input": "", "output": "The answer is 8."}
 
@@ -190,6 +190,19 @@ def test_a_number_as_input_is_read_as_text_beside_text_inputs(tmp_path):
     data = load_data(str(tmp_path / "a.json"))
     assert data["input"] == ["12", "x", "0"]
     assert "\n12\n" in "".join(t for t, _ in Prompter.load("alpaca").record_segments(data[0]))
+
+
+def test_files_with_a_byte_order_mark_are_read(tmp_path):
+    """Notepad and PowerShell save UTF-8 with a byte-order mark."""
+    bom = "\ufeff".encode()
+    (tmp_path / "a.json").write_bytes(bom + json.dumps([RECORD]).encode())
+    (tmp_path / "a.jsonl").write_bytes(bom + json.dumps(RECORD).encode() + b"\n" + json.dumps(RECORD).encode())
+    (tmp_path / "t.txt").write_bytes(bom + b"some text")
+    (tmp_path / "template.json").write_bytes(bom + (TEMPLATES_DIR / "alpaca.json").read_bytes())
+    assert load_data(str(tmp_path / "a.json"))["instruction"] == [RECORD["instruction"]]
+    assert len(load_data(str(tmp_path / "a.jsonl"))) == 2
+    assert load_data(str(tmp_path / "t.txt"))["text"] == ["some text"]
+    assert Prompter.load(str(tmp_path / "template.json")).prompt("Q") == Prompter.load("alpaca").prompt("Q")
 
 
 def test_raw_text_is_chunked_to_cutoff(tmp_path, tokenizer):

@@ -81,6 +81,11 @@ def test_prompts_file_prints_a_json_line_per_instruction(llama_lora, lora_model,
     assert [row["response"] for row in rows] == alone  # batching changes no answer
 
 
+def test_a_prompts_file_with_a_byte_order_mark_starts_with_its_first_instruction(tmp_path):
+    (tmp_path / "questions.txt").write_bytes("\ufeff".encode() + QUESTION.encode() + b"\n")
+    assert generate._read_instructions(str(tmp_path / "questions.txt")) == [QUESTION]
+
+
 def test_bad_input_gives_one_clear_error(llama, llama_lora, tmp_path):
     (tmp_path / "empty").mkdir()
     latin1 = tmp_path / "latin1.txt"
