@@ -13,7 +13,7 @@ REQUIRED_KEYS = ("prompt_input", "prompt_no_input", "response_split")
 # would leave out what it stands for (every prompt the same, or no input) without a word.
 PLACEHOLDERS = {"prompt_input": {"instruction", "input"}, "prompt_no_input": {"instruction"},
                 "chat_user": {"message"}, "chat_assistant": {"message"}, "chat_system": set(),
-                "chat_system_message": {"message"}, "response_split": set()}
+                "chat_system_message": {"message"}, "output": {"output"}, "response_split": set()}
 KNOWN_KEYS = {*PLACEHOLDERS, "stop", "name", "description"}
 
 
@@ -113,11 +113,12 @@ class Prompter:
         return self.template["prompt_no_input"].format(instruction=instruction)
 
     def record_segments(self, record: dict) -> list[tuple[str, bool]]:
-        """A training record as (text, is_answer) pieces: the prompt, then the output."""
+        """A training record as (text, is_answer) pieces: the prompt, then the output (as the template's `output`
+        writes it: Vicuna's after a space, which the answer's first token takes, as at inference)."""
         if "conversations" in record and record["conversations"]:
             return self.conversation_segments(record["conversations"])
         prompt = self.prompt(record["instruction"], record.get("input"))
-        return [(prompt, False), (record["output"], True)]
+        return [(prompt, False), (self.template.get("output", "{output}").format(output=record["output"]), True)]
 
     def conversation_segments(self, turns: list[dict]) -> list[tuple[str, bool]]:
         """A ShareGPT conversation ([{from: human|gpt|system, value}] or {role, content}) as pieces."""

@@ -89,6 +89,20 @@ def test_eos_only_when_it_fits_and_train_on_inputs_keeps_all(tokenizer):
     assert len(exact["input_ids"]) == n and exact["input_ids"][-1] != tokenizer.eos_token_id
 
 
+def test_vicuna_answers_after_a_space_and_its_prompt_is_read_as_at_inference(tokenizer):
+    """Vicuna v1.1 writes "ASSISTANT: answer", as this template's chat turns do; the space goes with the answer, so
+    that the prompt's tokens are those of the inference prompt, which ends at "ASSISTANT:"."""
+    prompter = Prompter.load("vicuna")
+    text = "".join(t for t, _ in prompter.record_segments(RECORD))
+    assert text == prompter.prompt(RECORD["instruction"]) + " " + RECORD["output"]
+    chat = [{"from": "human", "value": RECORD["instruction"]}, {"from": "gpt", "value": RECORD["output"]}]
+    assert "".join(t for t, _ in prompter.conversation_segments(chat)) == text + "\n"
+    ex = encode(tokenizer, prompter.record_segments(RECORD), 256, train_on_inputs=False)
+    prompt_ids = tokenizer(prompter.prompt(RECORD["instruction"]))["input_ids"]
+    masked = ex["labels"].count(IGNORE_INDEX)
+    assert masked == len(prompt_ids) and ex["input_ids"][:masked] == prompt_ids
+
+
 def test_conversation_masks_user_turns(tokenizer):
     prompter = Prompter.load("vicuna")
     turns = [

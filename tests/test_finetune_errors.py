@@ -58,9 +58,9 @@ CASES = {
     "template drops the instruction": ({"prompt_template_name": "{dir}/no_instruction_placeholder.json"},
                                        "'prompt_no_input' lacks {{instruction}}"),
     "template key misspelt": ({"prompt_template_name": "{dir}/misspelt_key.json"},
-                              "has the unknown key(s) ['stops']; the keys are chat_assistant, chat_system, "
-                              "chat_system_message, chat_user, description, name, prompt_input, prompt_no_input, "
-                              "response_split, stop"),
+                              ("has the unknown key(s) ['stops']; the keys are chat_assistant, chat_system, "
+                               "chat_system_message, chat_user, description, name, output, prompt_input, prompt_no_input, "
+                               "response_split, stop")),
     "numeric output": ({"data_path": "{dir}/numeric_output.json"}, "has a non-text 'output'"),
     "conversation not a list": ({"data_path": "{dir}/bad_turns.json"}, "'conversations' must be a list of turns"),
     "input a list": ({"data_path": "{dir}/list_input.json"}, "has an 'input' that is a list, not text"),
