@@ -19,8 +19,10 @@ from peft_ext.errors import UsageError, run_cli
 from peft_ext.files import file_sha256
 from peft_ext.modeling import (
     adopt_pad_token,
+    check_position_limit,
     load_base_model,
     load_config,
+    load_skeleton,
     load_tokenizer,
     parameter_counts,
     read_adapter_config,
@@ -139,10 +141,11 @@ def train(
     resume = training.resume_plan(resume_from_checkpoint, output_dir, overwrite)
     if resume.warm_start:  # the method trained is the warm start's own, whatever --adapter_name says
         method = adapters.method_of(read_adapter_config(resume.warm_start))
+    base_config = load_config(base_model, trust_remote_code)
+    skeleton = load_skeleton(base_config, trust_remote_code)
     if not resume.warm_start:  # (a warm start takes its adapter's own settings)
-        base_config = load_config(base_model, trust_remote_code)
         peft_config = adapters.make_config(adapter_name, adapter_options, base_config.model_type)[1]
-        adapters.check_on_skeleton(base_config, peft_config, trust_remote_code)
+        adapters.check_targets(skeleton, peft_config)
         if resume.checkpoint:  # its adapter must be the one these flags make
             training.check_resumable(resume.checkpoint, peft_config, base_model)
     train_data = load_data(data_path)
@@ -156,9 +159,18 @@ def train(
 
     # Load the tokenizer and data, then the model, then wrap it in the adapter.
     tokenizer = load_tokenizer(base_model, trust_remote_code)
+    if tokenizer.eos_token_id is None:  # appended to every example, it is how a model learns to stop
+        raise UsageError(f"the tokenizer of {base_model!r} has no EOS token, so the model would never learn to stop; "
+                         "name one as \"eos_token\" in its tokenizer_config.json")
     train_set, val_set = training_sets(train_data, val_set_size, seed, tokenizer, prompter, cutoff_len, train_on_inputs)
     if len(train_set) == 0:
         raise UsageError("no training example has a token to learn from; raise --cutoff_len")
+    if val_set is not None and len(val_set) == 0:  # the Trainer would fail at its first evaluation, well into the run
+        raise UsageError(f"no validation example has a response token within --cutoff_len {cutoff_len}; raise "
+                         "--cutoff_len, or hold out more records with --val_set_size (0 for none)")
+    longest = max(len(ids) for part in (train_set, val_set) if part is not None for ids in part["input_ids"])
+    adapter_config = read_adapter_config(resume.warm_start) if resume.warm_start else peft_config.to_dict()
+    check_position_limit(skeleton, base_model, longest, adapter_config.get("num_virtual_tokens") or 0)
     model = load_base_model(base_model, load_8bit, load_4bit, trust_remote_code=trust_remote_code)
     adopt_pad_token(model, tokenizer)
     model = training.prepare_base(model, quantized=load_8bit or load_4bit, checkpointing=use_gradient_checkpointing)

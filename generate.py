@@ -147,7 +147,7 @@ def _check_port(host: str, port: int) -> None:
 
 def _read_instructions(path: str) -> list[str]:
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the first instruction
             instructions = [line.strip() for line in f if line.strip()]
     except OSError as e:
         raise UsageError(f"cannot read --prompts_file {path!r}: {e.strerror}") from None

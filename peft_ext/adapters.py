@@ -22,7 +22,6 @@ from peft.utils import (
     TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
     TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
 )
-from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from peft_ext import sibo
@@ -241,14 +240,6 @@ def check_targets(model: torch.nn.Module, config: PeftConfig) -> None:
             f"--target_modules {missing} match no layer of this {model.config.model_type} model; "
             f"its Linear layers are: {', '.join(adaptable_layer_names(model))}"
         )
-
-
-def check_on_skeleton(base_config, config: PeftConfig, trust_remote_code: bool = False) -> None:
-    """`check_targets` on the model's skeleton: its modules built on the meta device, with no weights, so that a
-    misspelt target fails in a second instead of after minutes of loading a large model."""
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(base_config, trust_remote_code=trust_remote_code)
-    check_targets(skeleton, config)
 
 
 def build(model, adapter_name: str, options: dict):

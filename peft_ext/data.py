@@ -2,7 +2,8 @@
 
 Supported inputs: a JSON list or JSONL file of `{instruction, input, output}` records (or ShareGPT
 `conversations`); a directory holding `train.json` (its `test.json` is evaluate.py's); a `.txt` file of raw
-text, chunked into `cutoff_len`-token blocks; a `datasets` hub id.
+text, chunked into `cutoff_len`-token blocks; a `datasets` hub id (its train split: records, or raw text in a
+`text` column).
 """
 import os
 
@@ -10,7 +11,7 @@ from datasets import Dataset
 
 from peft_ext.errors import UsageError
 from peft_ext.files import read_records, read_text
-from peft_ext.prompts import Prompter, check_input
+from peft_ext.prompts import Prompter, check_input, turn_role_and_text
 
 IGNORE_INDEX = -100  # label of a token that carries no loss
 
@@ -24,7 +25,7 @@ def _check_records(records: list, path: str) -> None:
         if r.get("conversations"):
             turns = r["conversations"]
             if not isinstance(turns, list) or not all(
-                    isinstance(t, dict) and isinstance(t.get("value", t.get("content")), str) for t in turns):
+                    isinstance(t, dict) and isinstance(turn_role_and_text(t)[1], str) for t in turns):
                 raise UsageError(f"record {i} of {path}: 'conversations' must be a list of turns, each "
                                  "{from, value} or {role, content} with text as the value")
             continue
@@ -42,18 +43,27 @@ def _check_records(records: list, path: str) -> None:
 def _records_dataset(path: str) -> Dataset:
     records = read_records(path)
     _check_records(records, path)
-    # Keep only the fields we use, so records with extra or ragged keys still form one table.
-    keep = ("instruction", "input", "output", "conversations")
-    rows = [{k: r.get(k) for k in keep if k in r} for r in records]
-    if any("conversations" in r for r in rows):
-        rows = [{"conversations": r.get("conversations"), **_instruction_fields(r)} for r in rows]
-    else:
-        rows = [_instruction_fields(r) for r in rows]
-    return Dataset.from_list(rows)
+    with_conversations = any("conversations" in r for r in records)
+    return Dataset.from_list([_training_row(r, with_conversations) for r in records])
+
+
+def _training_row(record: dict, with_conversations: bool) -> dict:
+    """The fields of a record that are trained on, the same in every row, so that records with extra or ragged
+    keys still form one table."""
+    row = {"conversations": record.get("conversations")} if with_conversations else {}
+    return {**row, **_instruction_fields(record)}
 
 
 def _instruction_fields(r: dict) -> dict:
-    return {"instruction": r.get("instruction") or "", "input": r.get("input") or "", "output": r.get("output") or ""}
+    value = r.get("input")  # a number is a valid input (check_input), as text, to share one column with text
+    return {"instruction": r.get("instruction") or "", "input": "" if value is None else str(value),
+            "output": r.get("output") or ""}
+
+
+def _is_raw_text(data: Dataset) -> bool:
+    """Raw text: a `text` column and no records to fill a template with (a hub set may hold both, as
+    tatsu-lab/alpaca does: its records are then what is trained on)."""
+    return "text" in data.column_names and not {"instruction", "output", "conversations"} & set(data.column_names)
 
 
 def training_file(data_path: str) -> str | None:
@@ -94,9 +104,16 @@ def _hub_dataset(name: str) -> Dataset:
         data = load_dataset(name)
     except Exception as e:  # the hub raises many kinds; all mean "cannot get it"
         raise UsageError(f"cannot load dataset {name!r} from the hub: {str(e).splitlines()[0][:300]}") from None
+    if "train" not in data:
+        raise UsageError(f"dataset {name!r} has no 'train' split, only {', '.join(map(repr, data))}; save the split "
+                         "to train on as a JSON file and give its path as --data_path")
     split = data["train"]
+    if _is_raw_text(split):
+        return split.select_columns(["text"])
     _check_records(split.select(range(min(len(split), 1000))).to_list(), name)
-    return split
+    with_conversations = "conversations" in split.column_names
+    return split.map(lambda r: _training_row(r, with_conversations), remove_columns=split.column_names,
+                     desc="reading records")
 
 
 def split_validation(data: Dataset, val_set_size, seed: int) -> tuple[Dataset, Dataset | None]:
@@ -132,27 +149,45 @@ def encode(tokenizer, segments: list[tuple[str, bool]], cutoff_len: int, train_o
     """Token ids, attention mask and labels of one example made of (text, is_answer) segments.
 
     The text is tokenized whole, as at inference. With `train_on_inputs=False`, a token is masked when
-    it lies entirely inside a prompt segment: the prefix ending at each segment boundary is tokenized
-    alone and compared with the whole, so a token merged across the boundary stays trainable and the
-    first answer token is never masked. EOS is appended when it fits within `cutoff_len`.
+    it lies entirely inside a prompt segment (`_segment_spans`), so a token merged across the boundary stays
+    trainable and the first answer token is never masked. EOS is appended when it fits within `cutoff_len`.
     """
+    return _encode(tokenizer, segments, cutoff_len, train_on_inputs)[0]
+
+
+def _encode(tokenizer, segments: list[tuple[str, bool]], cutoff_len: int, train_on_inputs: bool) -> tuple[dict, bool]:
+    """`encode`'s example, and whether a response token (EOS included) lies within `cutoff_len`."""
     text = "".join(t for t, _ in segments)
     ids = tokenizer(text)["input_ids"]
     labels = list(ids)
-    if not train_on_inputs:
-        start, boundary = 0, 0
-        for seg_text, is_answer in segments:
-            boundary += len(seg_text)
-            end = len(ids) if boundary >= len(text) else _common_prefix(tokenizer(text[:boundary])["input_ids"], ids)
-            end = max(end, start)
+    spans = _segment_spans(tokenizer, segments, text, ids)
+    if train_on_inputs:  # only where the response starts matters: no prefix past it is tokenized
+        response_start = next((start for start, end, is_answer in spans if is_answer and end > start), len(ids))
+    else:
+        response_start = len(ids)  # where EOS goes, when no answer has a token of its own
+        for start, end, is_answer in spans:
             if not is_answer:
                 labels[start:end] = [IGNORE_INDEX] * (end - start)
-            start = end
+            elif end > start:
+                response_start = min(response_start, start)
     eos = tokenizer.eos_token_id
     if eos is not None and (not ids or ids[-1] != eos) and len(ids) < cutoff_len:
         ids, labels = ids + [eos], labels + [eos]
     ids, labels = ids[:cutoff_len], unpredicted_first(labels[:cutoff_len])
-    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}, response_start < len(ids)
+
+
+def _segment_spans(tokenizer, segments: list[tuple[str, bool]], text: str, ids: list[int]):
+    """Each segment's tokens in `ids` (the whole `text` tokenized) as (start, end, is_answer): the prefix ending at
+    each segment boundary is tokenized alone and compared with the whole, so that a token merged across a boundary
+    belongs to the later segment."""
+    start, boundary = 0, 0
+    for seg_text, is_answer in segments:
+        boundary += len(seg_text)
+        end = len(ids) if boundary >= len(text) else _common_prefix(tokenizer(text[:boundary])["input_ids"], ids)
+        end = max(end, start)
+        yield start, end, is_answer
+        start = end
 
 
 def unpredicted_first(labels: list[int]) -> list[int]:
@@ -178,25 +213,26 @@ def training_sets(data: Dataset, val_set_size, seed: int, tokenizer, prompter: P
     def encoded(part: Dataset) -> Dataset:
         return tokenize(part, tokenizer, prompter, cutoff_len, train_on_inputs)
 
-    if "text" in data.column_names:
+    if _is_raw_text(data):
         return split_validation(encoded(data), val_set_size, seed)
     train, val = split_validation(data, val_set_size, seed)
     return encoded(train), encoded(val) if val is not None else None
 
 
 def tokenize(data: Dataset, tokenizer, prompter: Prompter, cutoff_len: int, train_on_inputs: bool) -> Dataset:
-    """The dataset as model inputs; examples left with no trainable token are dropped, with a note."""
-    if "text" in data.column_names:
+    """The dataset as model inputs; examples with no response token within `cutoff_len` are dropped, with a note,
+    whatever `train_on_inputs`: cut within its prompt, an example teaches no answer."""
+    if _is_raw_text(data):
         rows = [block for text in data["text"] for block in chunk_text(tokenizer, text, cutoff_len)]
         return Dataset.from_list(rows)
-    encoded = data.map(
-        lambda r: encode(tokenizer, prompter.record_segments(r), cutoff_len, train_on_inputs),
-        remove_columns=data.column_names,
-        desc="tokenizing",
-    )
-    kept = encoded.filter(lambda r: any(label != IGNORE_INDEX for label in r["labels"]), desc="dropping empty")
+
+    def encoded_record(record: dict) -> dict:
+        example, has_response = _encode(tokenizer, prompter.record_segments(record), cutoff_len, train_on_inputs)
+        return {**example, "has_response": has_response}
+
+    encoded = data.map(encoded_record, remove_columns=data.column_names, desc="tokenizing")
+    kept = encoded.filter(bool, input_columns="has_response", desc="dropping empty").remove_columns("has_response")
     if len(kept) < len(encoded):
         print(f"note: {len(encoded) - len(kept)} of {len(encoded)} examples are left out, with no response token to "
-              f"learn from within --cutoff_len {cutoff_len}: their prompt fills it (a larger --cutoff_len keeps them) "
-              "or their response is empty")
+              f"learn from within --cutoff_len {cutoff_len}: their prompt fills it (a larger --cutoff_len keeps them)")
     return kept

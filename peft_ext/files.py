@@ -45,7 +45,7 @@ def check_writable(folder: str, flag: str = "--output_dir") -> None:
 
 def read_text(path: str) -> str:
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors write one) is dropped
             return f.read()
     except UnicodeDecodeError as e:
         raise UsageError(f"{path} is not UTF-8 text ({e}); save it as UTF-8") from None
@@ -78,7 +78,8 @@ def _json_lines(path: str, text: str, whole_error: json.JSONDecodeError | None =
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:
-                detail = whole_error or f"line {number}: {e}"
+                # once a line has been read as a record, the file is JSON Lines: its bad line is the one to name
+                detail = whole_error if whole_error and not records else f"line {number}: {e}"
                 raise UsageError(f"{path} is neither JSON nor JSON Lines ({detail}); fix the file") from None
     return records
 

@@ -320,8 +320,9 @@ def greedy_stream(model, tokenizer, rows: list[list[int]], config: GenerationCon
     accepts = inspect.signature((model.get_base_model() if hasattr(model, "get_base_model") else model).forward).parameters
     extra = {"logits_to_keep": 1} if "logits_to_keep" in accepts else {}  # only the last position's logits count
     positional = "position_ids" in accepts  # BLOOM takes none: its ALiBi counts positions in the attention mask
-    eos = torch.tensor(config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id],
-                       device=model.device)
+    eos_ids = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+    # a model without an EOS token stops at a stop string or the budget only
+    eos = torch.tensor([i for i in eos_ids if i is not None], dtype=torch.long, device=model.device)
     stop = config.stop_strings or []
     # Enough trailing tokens to hold a whole stop string (every token is at least one character), plus one so
     # that a stop string starting with a space is not cut at the start of the decoded tail.

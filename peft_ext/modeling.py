@@ -54,10 +54,10 @@ def _from_pretrained(loader, base_model: str, **kwargs):
 
 
 def load_tokenizer(base_model: str, trust_remote_code: bool = False):
-    """The tokenizer, with a pad token (many causal LMs ship without one)."""
+    """The tokenizer, with a pad token (many causal LMs ship without one; padding is masked, so any token will do)."""
     tokenizer = _from_pretrained(AutoTokenizer, base_model, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token or tokenizer.bos_token
     return tokenizer
 
 
@@ -68,6 +68,37 @@ def load_config(base_model: str, trust_remote_code: bool = False):
         raise UsageError(f"{base_model!r} holds no config.json: it is not a model folder; give a model folder or hub id "
                          "as --base_model")
     return _from_pretrained(AutoConfig, base_model, trust_remote_code=trust_remote_code)
+
+
+def load_skeleton(base_config, trust_remote_code: bool = False):
+    """The model's modules built on the meta device, with no weights: what checks of its layers read, so that bad
+    input fails in a second instead of after minutes of loading a large model."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(base_config, trust_remote_code=trust_remote_code)
+
+
+# Names of learned position tables: GPT-2, GPT-Neo and StarCoder's wpe, OPT and BioGPT's embed_positions, others'.
+POSITION_TABLES = ("wpe", "embed_positions", "position_embeddings")
+
+
+def position_limit(model) -> int | None:
+    """How many positions `model` can read, when it looks them up in a table of fixed size: a learned one (less
+    its offset: OPT's first 2 rows are never looked up) or GPT-J's and CodeGen's precomputed rotary table; None
+    for a model that computes them (RoPE, ALiBi)."""
+    sizes = [module.num_embeddings - getattr(module, "offset", 0) for name, module in model.named_modules()
+             if isinstance(module, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in POSITION_TABLES]
+    sizes += [buffer.shape[0] for name, buffer in model.named_buffers() if name.rsplit(".", 1)[-1] == "embed_positions"]
+    return min(sizes, default=None)
+
+
+def check_position_limit(model, base_model: str, longest: int, virtual_tokens: int = 0) -> None:
+    """Refuse examples (with the virtual tokens that prompt methods put before them) of more tokens than `model`
+    has positions: a lookup past its table fails mid-run."""
+    limit = position_limit(model)
+    if limit is not None and longest + virtual_tokens > limit:
+        virtual = f" and {virtual_tokens} virtual tokens" if virtual_tokens else ""
+        raise UsageError(f"an example of {longest} tokens{virtual} is longer than {base_model!r} can read ({limit} "
+                         f"positions); lower --cutoff_len to {limit - virtual_tokens}")
 
 
 def quantization_config(load_8bit: bool = False, load_4bit: bool = False,

@@ -9,9 +9,12 @@ from peft_ext.errors import UsageError
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
 TEMPLATE_FILE = "prompt_template.json"  # the copy kept in every checkpoint directory
 REQUIRED_KEYS = ("prompt_input", "prompt_no_input", "response_split")
-# The placeholders each text may hold; any other would fail only when the first example is formatted.
+# The placeholders each text holds: any other would fail only when the first example is formatted, and one left out
+# would leave out what it stands for (every prompt the same, or no input) without a word.
 PLACEHOLDERS = {"prompt_input": {"instruction", "input"}, "prompt_no_input": {"instruction"},
-                "chat_user": {"message"}, "chat_assistant": {"message"}, "chat_system": set(), "response_split": set()}
+                "chat_user": {"message"}, "chat_assistant": {"message"}, "chat_system": set(),
+                "chat_system_message": {"message"}, "output": {"output"}, "response_split": set()}
+KNOWN_KEYS = {*PLACEHOLDERS, "stop", "name", "description"}
 
 
 def text_fields(template: dict) -> dict:
@@ -26,11 +29,18 @@ def check_input(record: dict, where: str) -> None:
         raise UsageError(f"{where} has an 'input' that is a {type(value).__name__}, not text; give the input as a string")
 
 
+def turn_role_and_text(turn: dict) -> tuple:
+    """A ShareGPT turn's role and text, of {from, value} or {role, content}: the first of each pair that is not
+    None, since a table of records that mix the two spellings gives every turn all four keys."""
+    return tuple(next((turn[k] for k in pair if turn.get(k) is not None), None)
+                 for pair in (("from", "role"), ("value", "content")))
+
+
 def available_templates() -> list[str]:
     return sorted(p.stem for p in TEMPLATES_DIR.glob("*.json"))
 
 
-def _check_text(name: str, key: str, text, allowed: set[str]) -> None:
+def _check_text(name: str, key: str, text, placeholders: set[str]) -> None:
     if not isinstance(text, str):
         raise UsageError(f"prompt template {name!r}: {key!r} must be a string, got {type(text).__name__}")
     try:
@@ -38,10 +48,14 @@ def _check_text(name: str, key: str, text, allowed: set[str]) -> None:
     except ValueError as e:
         raise UsageError(f"prompt template {name!r}: {key!r} is not a valid format string ({e}); "
                          "write {{ and }} for literal braces") from None
-    if used - allowed:
-        may = ", ".join("{" + f + "}" for f in sorted(allowed)) or "no placeholder"
-        raise UsageError(f"prompt template {name!r}: {key!r} uses {sorted(used - allowed)}, but may hold only {may} "
+    if used - placeholders:
+        may = ", ".join("{" + f + "}" for f in sorted(placeholders)) or "no placeholder"
+        raise UsageError(f"prompt template {name!r}: {key!r} uses {sorted(used - placeholders)}, but may hold only {may} "
                          "(write {{ and }} for literal braces)")
+    if placeholders - used:
+        lacking = ", ".join("{" + f + "}" for f in sorted(placeholders - used))
+        raise UsageError(f"prompt template {name!r}: {key!r} lacks {lacking}, so what it stands for would be left out "
+                         "of every text; add it")
 
 
 class Prompter:
@@ -51,9 +65,13 @@ class Prompter:
         missing = [k for k in REQUIRED_KEYS if k not in template]
         if missing:
             raise UsageError(f"prompt template {name!r} lacks the key(s) {missing}; see templates/README.md")
-        for key, allowed in PLACEHOLDERS.items():
+        unknown = sorted(set(template) - KNOWN_KEYS)
+        if unknown:  # a misspelt key (`stops`) would be ignored
+            raise UsageError(f"prompt template {name!r} has the unknown key(s) {unknown}; the keys are "
+                             f"{', '.join(sorted(KNOWN_KEYS))} (see templates/README.md)")
+        for key, placeholders in PLACEHOLDERS.items():
             if key in template:
-                _check_text(name, key, template[key], allowed)
+                _check_text(name, key, template[key], placeholders)
         stop = template.get("stop", [])
         if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
             raise UsageError(f"prompt template {name!r}: 'stop' must be a list of non-empty strings")
@@ -76,7 +94,7 @@ class Prompter:
                 "or give the path of a template JSON file"
             )
         try:
-            template = json.loads(path.read_text(encoding="utf-8"))
+            template = json.loads(path.read_text(encoding="utf-8-sig"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UsageError(f"prompt template {path} is not valid UTF-8 JSON ({e}); fix the file") from None
         if not isinstance(template, dict):
@@ -95,11 +113,12 @@ class Prompter:
         return self.template["prompt_no_input"].format(instruction=instruction)
 
     def record_segments(self, record: dict) -> list[tuple[str, bool]]:
-        """A training record as (text, is_answer) pieces: the prompt, then the output."""
+        """A training record as (text, is_answer) pieces: the prompt, then the output (as the template's `output`
+        writes it: Vicuna's after a space, which the answer's first token takes, as at inference)."""
         if "conversations" in record and record["conversations"]:
             return self.conversation_segments(record["conversations"])
         prompt = self.prompt(record["instruction"], record.get("input"))
-        return [(prompt, False), (record["output"], True)]
+        return [(prompt, False), (self.template.get("output", "{output}").format(output=record["output"]), True)]
 
     def conversation_segments(self, turns: list[dict]) -> list[tuple[str, bool]]:
         """A ShareGPT conversation ([{from: human|gpt|system, value}] or {role, content}) as pieces."""
@@ -111,10 +130,9 @@ class Prompter:
                 )
         segments = [(self.template.get("chat_system", ""), False)]
         for turn in turns:
-            role = turn.get("from", turn.get("role"))
-            text = turn.get("value", turn.get("content"))
-            if role in ("system",):
-                segments[0] = (text + "\n\n", False)
+            role, text = turn_role_and_text(turn)
+            if role in ("system",):  # the conversation's own system message, in place of the template's
+                segments[0] = (self.template.get("chat_system_message", "{message}\n\n").format(message=text), False)
             elif role in ("human", "user"):
                 segments.append((self.template["chat_user"].format(message=text), False))
             elif role in ("gpt", "assistant", "bot", "model"):

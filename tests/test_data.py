@@ -7,7 +7,7 @@ from transformers import AutoTokenizer
 from peft_ext.adapters import parse_list
 from peft_ext.data import IGNORE_INDEX, encode, load_data, split_validation, tokenize, training_sets
 from peft_ext.errors import UsageError
-from peft_ext.prompts import Prompter, available_templates
+from peft_ext.prompts import TEMPLATES_DIR, Prompter, available_templates
 
 RECORD = {"instruction": "Tom has 3 apples and buys 5 more. How many apples does he have?", "input": "", "output": "The answer is 8."}
 
@@ -89,6 +89,20 @@ def test_eos_only_when_it_fits_and_train_on_inputs_keeps_all(tokenizer):
     assert len(exact["input_ids"]) == n and exact["input_ids"][-1] != tokenizer.eos_token_id
 
 
+def test_vicuna_answers_after_a_space_and_its_prompt_is_read_as_at_inference(tokenizer):
+    """Vicuna v1.1 writes "ASSISTANT: answer", as this template's chat turns do; the space goes with the answer, so
+    that the prompt's tokens are those of the inference prompt, which ends at "ASSISTANT:"."""
+    prompter = Prompter.load("vicuna")
+    text = "".join(t for t, _ in prompter.record_segments(RECORD))
+    assert text == prompter.prompt(RECORD["instruction"]) + " " + RECORD["output"]
+    chat = [{"from": "human", "value": RECORD["instruction"]}, {"from": "gpt", "value": RECORD["output"]}]
+    assert "".join(t for t, _ in prompter.conversation_segments(chat)) == text + "\n"
+    ex = encode(tokenizer, prompter.record_segments(RECORD), 256, train_on_inputs=False)
+    prompt_ids = tokenizer(prompter.prompt(RECORD["instruction"]))["input_ids"]
+    masked = ex["labels"].count(IGNORE_INDEX)
+    assert masked == len(prompt_ids) and ex["input_ids"][:masked] == prompt_ids
+
+
 def test_conversation_masks_user_turns(tokenizer):
     prompter = Prompter.load("vicuna")
     turns = [
@@ -102,6 +116,26 @@ def test_conversation_masks_user_turns(tokenizer):
     text = tokenizer.decode(trained, skip_special_tokens=True)
     assert "It is 4." in text and "It is 6." in text
     assert "What is 2+2?" not in text and "And 3+3?" not in text
+
+
+def test_a_conversations_system_message_is_wrapped_as_the_template_says():
+    turns = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]
+    chatml = "".join(text for text, _ in Prompter.load("chatml").conversation_segments(turns))
+    assert chatml == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n"
+                      "<|im_start|>assistant\n4<|im_end|>\n")
+    vicuna = "".join(text for text, _ in Prompter.load("vicuna").conversation_segments(turns))
+    assert vicuna == "Be brief.\n\nUSER: 2+2?\nASSISTANT: 4\n"  # a template without chat_system_message
+
+
+def test_records_may_mix_the_two_spellings_of_turns(tmp_path, monkeypatch):
+    """One table gives every turn both pairs of keys, the other pair None."""
+    records = [{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]},
+               {"conversations": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}]
+    (tmp_path / "mixed.json").write_text(json.dumps(records))
+    hub(monkeypatch, train=records)
+    for data in load_data(str(tmp_path / "mixed.json")), load_data("some/chats"):
+        texts = ["".join(t for t, _ in Prompter.load("vicuna").record_segments(r)) for r in data]
+        assert texts[0].endswith("USER: hi\nASSISTANT: hello\n") and texts[1].endswith("USER: 2+2?\nASSISTANT: 4\n")
 
 
 def test_load_data_formats(tmp_path):
@@ -126,6 +160,63 @@ def test_load_data_formats(tmp_path):
     (tmp_path / "bad.jsonl").write_text(json.dumps(RECORD) + "\n{oops\n")
     with pytest.raises(UsageError, match="bad.jsonl is neither JSON nor JSON Lines \\(line 2: "):
         load_data(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "lines.json").write_text(json.dumps(RECORD) + "\n" + json.dumps(RECORD) + "\n{oops\n")  # JSON Lines
+    with pytest.raises(UsageError, match="lines.json is neither JSON nor JSON Lines \\(line 3: "):
+        load_data(str(tmp_path / "lines.json"))
+
+
+def hub(monkeypatch, **splits):
+    """`datasets.load_dataset` answering with these splits (lists of records), as the hub would, offline."""
+    import datasets
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda name: datasets.DatasetDict(
+        {split: datasets.Dataset.from_list(records) for split, records in splits.items()}))
+
+
+def test_hub_records_with_a_text_column_go_through_the_template(monkeypatch, tokenizer):
+    """tatsu-lab/alpaca's records also hold their whole text, already formatted; the template and
+    --train_on_inputs decide what is trained on, as for a local file."""
+    text = "Below is an instruction... " + RECORD["instruction"] + " ### Response: " + RECORD["output"]
+    hub(monkeypatch, train=[{**RECORD, "text": text}] * 4)
+    data = load_data("tatsu-lab/alpaca")
+    assert sorted(data.column_names) == ["input", "instruction", "output"]
+    train, _ = training_sets(data, 0, 1, tokenizer, Prompter.load("alpaca"), 256, False)
+    trained = tokenizer.decode([t for t in train[0]["labels"] if t != IGNORE_INDEX], skip_special_tokens=True)
+    assert len(train) == 4 and trained == RECORD["output"]
+
+
+def test_hub_raw_text_is_its_text_column(monkeypatch, tokenizer):
+    hub(monkeypatch, train=[{"text": "the quick brown fox jumps over the lazy dog. " * 20, "source": "web"}])
+    data = load_data("some/corpus")
+    assert data.column_names == ["text"]
+    assert len(tokenize(data, tokenizer, Prompter.load("alpaca"), 32, False)) > 1
+
+
+def test_hub_set_without_a_train_split_is_refused_naming_its_splits(monkeypatch):
+    hub(monkeypatch, validation=[RECORD], test=[RECORD])
+    with pytest.raises(UsageError, match="^dataset 'some/set' has no 'train' split, only 'validation', 'test'; save the "
+                                         "split to train on as a JSON file and give its path as --data_path$"):
+        load_data("some/set")
+
+
+def test_a_number_as_input_is_read_as_text_beside_text_inputs(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps([{**RECORD, "input": 12}, {**RECORD, "input": "x"}, {**RECORD, "input": 0}]))
+    data = load_data(str(tmp_path / "a.json"))
+    assert data["input"] == ["12", "x", "0"]
+    assert "\n12\n" in "".join(t for t, _ in Prompter.load("alpaca").record_segments(data[0]))
+
+
+def test_files_with_a_byte_order_mark_are_read(tmp_path):
+    """Notepad and PowerShell save UTF-8 with a byte-order mark."""
+    bom = "\ufeff".encode()
+    (tmp_path / "a.json").write_bytes(bom + json.dumps([RECORD]).encode())
+    (tmp_path / "a.jsonl").write_bytes(bom + json.dumps(RECORD).encode() + b"\n" + json.dumps(RECORD).encode())
+    (tmp_path / "t.txt").write_bytes(bom + b"some text")
+    (tmp_path / "template.json").write_bytes(bom + (TEMPLATES_DIR / "alpaca.json").read_bytes())
+    assert load_data(str(tmp_path / "a.json"))["instruction"] == [RECORD["instruction"]]
+    assert len(load_data(str(tmp_path / "a.jsonl"))) == 2
+    assert load_data(str(tmp_path / "t.txt"))["text"] == ["some text"]
+    assert Prompter.load(str(tmp_path / "template.json")).prompt("Q") == Prompter.load("alpaca").prompt("Q")
 
 
 def test_raw_text_is_chunked_to_cutoff(tmp_path, tokenizer):
@@ -151,14 +242,18 @@ def test_raw_text_holds_out_whole_blocks(tmp_path, tokenizer):
         training_sets(data, 120, 1, tokenizer, Prompter.load("alpaca"), 32, False)
 
 
-def test_examples_without_a_token_to_learn_are_left_out_with_a_note(tokenizer, capsys):
+@pytest.mark.parametrize("train_on_inputs", [False, True])
+def test_examples_without_a_response_token_are_left_out_with_a_note(train_on_inputs, tokenizer, capsys):
+    """...whatever --train_on_inputs; an empty response is kept, since EOS is trained."""
     from datasets import Dataset
 
-    records = [{"instruction": "word " * 200, "output": "long prompt"}, {"instruction": "2+2?", "output": "4"}]
-    kept = tokenize(Dataset.from_list(records), tokenizer, Prompter.load("alpaca"), 128, False)
-    assert len(kept) == 1
-    assert "note: 1 of 2 examples are left out, with no response token to learn from within --cutoff_len 128: " \
-           "their prompt fills it" in capsys.readouterr().out
+    records = [{"instruction": "word " * 200, "output": "long prompt"}, {"instruction": "2+2?", "output": "4"},
+               {"instruction": "Say nothing.", "output": ""}]
+    kept = tokenize(Dataset.from_list(records), tokenizer, Prompter.load("alpaca"), 128, train_on_inputs)
+    assert len(kept) == 2 and [row[-1] for row in kept["labels"]] == [tokenizer.eos_token_id] * 2
+    assert capsys.readouterr().out.endswith(
+        "note: 1 of 3 examples are left out, with no response token to learn from within --cutoff_len 128: their "
+        "prompt fills it (a larger --cutoff_len keeps them)\n")
 
 
 @pytest.mark.parametrize(("size", "expected"), [(0, 0), (3, 3), (0.25, 5), (0.5, 10)])

@@ -8,6 +8,7 @@ import pytest
 
 import finetune
 from peft_ext.errors import UsageError
+from tiny import without_eos
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOOD = [{"instruction": "What is 2 + 3?", "input": "", "output": "The answer is 5."}] * 4
@@ -25,13 +26,20 @@ def files(tmp_path_factory, tiny_model_dir):
     (d / "list_template.json").write_text("[1, 2]")
     (d / "odd_placeholder.json").write_text(json.dumps({"prompt_input": "{instruction} {context}", "prompt_no_input": "{instruction}",
                                                         "response_split": "### Response:"}))
+    template = {"prompt_input": "{instruction}\n{input}\n", "prompt_no_input": "{instruction}\n", "response_split": "\n"}
+    (d / "no_input_placeholder.json").write_text(json.dumps({**template, "prompt_input": "{instruction}\n"}))
+    (d / "no_instruction_placeholder.json").write_text(json.dumps({**template, "prompt_no_input": "Answer:\n"}))
+    (d / "misspelt_key.json").write_text(json.dumps({**template, "stops": ["###"]}))
     (d / "numeric_output.json").write_text(json.dumps([{"instruction": "2+3?", "output": 5}]))
     (d / "bad_turns.json").write_text(json.dumps([{"conversations": "hello"}]))
+    # seed 42 holds out the last of four records: here the one whose prompt fills --cutoff_len
+    (d / "long_last.json").write_text(json.dumps(GOOD[:3] + [{"instruction": "word " * 300, "output": "x"}]))
     (d / "list_input.json").write_text(json.dumps([{"instruction": "Sum these", "input": [1, 2], "output": "3"}]))
     (d / "run" / "checkpoint-4").mkdir(parents=True)
     (d / "run" / "checkpoint-4" / "trainer_state.json").write_text("{}")
     (d / "run" / "checkpoint-7").mkdir()  # stopped while saving: the adapter written, the trainer state not
     (d / "run" / "checkpoint-7" / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    without_eos(tiny_model_dir("llama"), str(d / "no_eos"))
     return {"dir": d, "model": tiny_model_dir("llama")}
 
 
@@ -45,6 +53,14 @@ CASES = {
     "template not an object": ({"prompt_template_name": "{dir}/list_template.json"}, "must be a JSON object"),
     "data not UTF-8": ({"data_path": "{dir}/latin1.json"}, "is not UTF-8 text"),
     "unknown placeholder": ({"prompt_template_name": "{dir}/odd_placeholder.json"}, "uses ['context'], but may hold only"),
+    "template drops the input": ({"prompt_template_name": "{dir}/no_input_placeholder.json"},
+                                 "'prompt_input' lacks {{input}}, so what it stands for would be left out of every text"),
+    "template drops the instruction": ({"prompt_template_name": "{dir}/no_instruction_placeholder.json"},
+                                       "'prompt_no_input' lacks {{instruction}}"),
+    "template key misspelt": ({"prompt_template_name": "{dir}/misspelt_key.json"},
+                              ("has the unknown key(s) ['stops']; the keys are chat_assistant, chat_system, "
+                               "chat_system_message, chat_user, description, name, output, prompt_input, prompt_no_input, "
+                               "response_split, stop")),
     "numeric output": ({"data_path": "{dir}/numeric_output.json"}, "has a non-text 'output'"),
     "conversation not a list": ({"data_path": "{dir}/bad_turns.json"}, "'conversations' must be a list of turns"),
     "input a list": ({"data_path": "{dir}/list_input.json"}, "has an 'input' that is a list, not text"),
@@ -63,7 +79,11 @@ CASES = {
     "output dir is a file": ({"output_dir": "{dir}/a_file"}, "is a file"),
     "output dir under a file": ({"output_dir": "{dir}/a_file/out"}, "cannot be made: {dir}/a_file is a file"),
     "missing base model": ({"base_model": "{dir}/no_model"}, "does not exist"),
+    "tokenizer without EOS": ({"base_model": "{dir}/no_eos"}, ("has no EOS token, so the model would never learn to "
+                                                               "stop; name one as \"eos_token\" in its tokenizer_config.json")),
     "val set too big": ({"val_set_size": 4}, "leaves no training data"),
+    "val set left empty": ({"data_path": "{dir}/long_last.json", "val_set_size": 1},
+                           "no validation example has a response token within --cutoff_len 256; raise --cutoff_len"),
     "8 and 4 bit": ({"load_8bit": True, "load_4bit": True}, "exclude each other"),
     "resume from nothing": ({"resume_from_checkpoint": "{dir}"}, "neither a checkpoint-N folder nor an adapter folder"),
     "resume a half-saved checkpoint": ({"resume_from_checkpoint": "{dir}/run/checkpoint-7"}, "was not saved whole"),
@@ -136,3 +156,44 @@ def test_a_warm_start_refuses_to_train_over_a_run(files, tmp_path):
         finetune.train(base_model=files["model"], data_path=str(files["dir"] / "good.json"), output_dir=str(out),
                        resume_from_checkpoint=str(tmp_path / "adapter"))
     assert sorted(os.listdir(out)) == ["checkpoint-6", "run.json"]
+
+
+@pytest.mark.parametrize(("family", "limit"), [("gpt2", 512), ("opt", 512), ("gptj", 512), ("llama", None), ("bloom", None)])
+def test_position_limit_is_where_a_forward_pass_starts_to_fail(family, limit, tiny_model_dir):
+    """GPT-2 and OPT learn a table of positions (OPT's has 2 rows more, an offset), GPT-J precomputes its rotary one;
+    LLaMA's RoPE and BLOOM's ALiBi compute them, for any length."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from peft_ext.modeling import load_skeleton, position_limit
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(family))
+    assert position_limit(load_skeleton(model.config)) == limit
+    if limit:
+        model(torch.zeros(1, limit, dtype=torch.long))
+        with pytest.raises((IndexError, RuntimeError)):
+            model(torch.zeros(1, limit + 1, dtype=torch.long))
+
+
+class ModelLoaded(Exception):
+    pass
+
+
+@pytest.mark.parametrize(("family", "adapter_name", "cutoff_len", "refusal"), [
+    ("gpt2", "lora", 1024, "an example of 1024 tokens is longer than {model!r} can read (512 positions); lower --cutoff_len to 512"),
+    ("opt", "lora", 1024, "an example of 1024 tokens is longer than {model!r} can read (512 positions); lower --cutoff_len to 512"),
+    ("gpt2", "prompt-tuning", 500, ("an example of 500 tokens and 30 virtual tokens is longer than {model!r} can read "
+                                    "(512 positions); lower --cutoff_len to 482")),
+    ("llama", "lora", 1024, None),
+])
+def test_examples_longer_than_a_position_table_are_refused_before_the_model_loads(
+        family, adapter_name, cutoff_len, refusal, tiny_model_dir, tmp_path, monkeypatch):
+    """Training would fail at the first such example with an IndexError, after the model loaded."""
+    (tmp_path / "long.json").write_text(json.dumps([{"instruction": "Count.", "output": "word " * 600}] * 4))
+    monkeypatch.setattr(finetune, "load_base_model", lambda *a, **k: (_ for _ in ()).throw(ModelLoaded()))
+    model = tiny_model_dir(family)
+    with pytest.raises(UsageError if refusal else ModelLoaded) as refused:
+        finetune.train(base_model=model, data_path=str(tmp_path / "long.json"), output_dir=str(tmp_path / "out"),
+                       adapter_name=adapter_name, cutoff_len=cutoff_len, val_set_size=0, batch_size=2, micro_batch_size=2)
+    if refusal:
+        assert str(refused.value) == refusal.format(model=model)

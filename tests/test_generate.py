@@ -21,6 +21,7 @@ from peft_ext.checkpoint import load_for_inference, resolve_checkpoint
 from peft_ext.demo import decoding, stream_response
 from peft_ext.errors import UsageError
 from peft_ext.generation import generate as generate_batch
+from tiny import without_eos
 
 spec = importlib.util.spec_from_file_location("generate_script", os.path.join(ROOT, "generate.py"))
 generate = importlib.util.module_from_spec(spec)
@@ -60,6 +61,14 @@ def test_prompt_prints_one_answer_with_any_adapter(llama, tmp_path, capsys, meth
     assert capsys.readouterr().out.strip()
 
 
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_a_model_without_an_eos_token_answers_up_to_its_budget(llama, tmp_path, capsys, num_beams):
+    """With no EOS, nor an UNK to pad with (beams pad with BOS then), it stops at a stop string or the budget."""
+    model = without_eos(llama, str(tmp_path / "no-eos"))
+    generate.main(prompt=QUESTION, base_model=model, max_new_tokens=8, num_beams=num_beams)
+    assert capsys.readouterr().out.strip()
+
+
 def test_prompts_file_prints_a_json_line_per_instruction(llama_lora, lora_model, tmp_path, capsys):
     questions = [QUESTION, "Tell me about alpacas.", "Which answer is correct? (A) 1 (B) 2"]
     (tmp_path / "questions.txt").write_text("\n".join(questions[:2]) + "\n\n" + questions[2] + "\n")
@@ -70,6 +79,11 @@ def test_prompts_file_prints_a_json_line_per_instruction(llama_lora, lora_model,
     model, tokenizer, prompter = lora_model
     alone = [generate_batch(model, tokenizer, [prompter.prompt(q)], greedy(model, tokenizer, 10))[0] for q in questions]
     assert [row["response"] for row in rows] == alone  # batching changes no answer
+
+
+def test_a_prompts_file_with_a_byte_order_mark_starts_with_its_first_instruction(tmp_path):
+    (tmp_path / "questions.txt").write_bytes("\ufeff".encode() + QUESTION.encode() + b"\n")
+    assert generate._read_instructions(str(tmp_path / "questions.txt")) == [QUESTION]
 
 
 def test_bad_input_gives_one_clear_error(llama, llama_lora, tmp_path):

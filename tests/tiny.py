@@ -63,3 +63,19 @@ def save_tiny_model(family: str, path: str, seed: int = 0) -> str:
     torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(config_for(family, vocab_size)).save_pretrained(path)
     return path
+
+
+def without_eos(path: str, copy: str) -> str:
+    """A copy of the saved model at `path` whose tokenizer and configs name no EOS token (nor UNK or pad); returns it."""
+    import json
+    import shutil
+
+    shutil.copytree(path, copy)
+    for name, keys in [("tokenizer_config.json", ("eos_token", "unk_token")), ("config.json", ("eos_token_id", "pad_token_id")),
+                       ("generation_config.json", ("eos_token_id", "pad_token_id"))]:
+        with open(os.path.join(copy, name)) as f:
+            settings = json.load(f)
+        settings.update(dict.fromkeys(keys))  # null: left out, a config class would put its default back
+        with open(os.path.join(copy, name), "w") as f:
+            json.dump(settings, f)
+    return copy
