@@ -30,6 +30,8 @@ def run_cli(fn, interrupted: str = "") -> None:
     """`fire.Fire(fn)`, turning a UsageError into `error: ...` on stderr and exit status 2, a full or read-only
     disk into `error: ...` and status 1, and Ctrl-C into `interrupted: ...` (what is kept and how to go on, as
     `interrupted` says) and the shell's status 130."""
+    if "peft_ext.quiet_start" in sys.modules:
+        sys.modules["peft_ext.quiet_start"].ready()
     try:
         args = sys.argv[1:]
         if "-h" in args or "--help" in args:
