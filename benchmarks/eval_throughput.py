@@ -26,12 +26,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
-import transformers
-from transformers import GenerationConfig
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import peft_ext.quiet_start  # noqa: E402,F401  (before torch: Ctrl-C while the libraries load ends in one line)
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import GenerationConfig  # noqa: E402
 
 from peft_ext import answers, bundled  # noqa: E402
 from peft_ext.checkpoint import load_for_inference, resolve_checkpoint  # noqa: E402

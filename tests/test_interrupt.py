@@ -8,7 +8,8 @@ import pytest
 
 from conftest import ROOT, ctrl_c_reaches_it
 
-SCRIPTS = ["finetune.py", "evaluate.py", "generate.py", "export_hf_checkpoint.py", "export_state_dict_checkpoint.py"]
+SCRIPTS = ["finetune.py", "evaluate.py", "generate.py", "export_hf_checkpoint.py", "export_state_dict_checkpoint.py",
+           "benchmarks/eval_throughput.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
