@@ -115,7 +115,7 @@ def train(
         train_on_inputs: put loss on the prompt tokens too; False trains on the response only (default True; tiny False).
         group_by_length: draw each step's examples from a similar length (without it, a step's random examples are still cut into length-sorted micro batches).
         packing: on a CPU, put each micro batch's examples in one row without padding, attention kept within each example (the same loss and gradients; LoRA, DoRA, (IA)3 and bottleneck adapters on llama, mistral, qwen2, opt, gpt2 and gpt_neox; other cases, and GPUs, where it is slower, use padded batches).
-        use_gradient_checkpointing: recompute activations in backward to save memory.
+        use_gradient_checkpointing: recompute activations in backward to save memory (not with prefix tuning).
         resume_from_checkpoint: a checkpoint-N/ folder (full resume), 'latest' (newest in output_dir; from the start when none is saved yet), or a finished adapter folder (warm start).
         overwrite: allow writing into an output_dir that already holds a run.
         seed: random seed of the split, the shuffling and the adapter init.
@@ -141,6 +141,9 @@ def train(
     resume = training.resume_plan(resume_from_checkpoint, output_dir, overwrite)
     if resume.warm_start:  # the method trained is the warm start's own, whatever --adapter_name says
         method = adapters.method_of(read_adapter_config(resume.warm_start))
+    if method == "prefix-tuning" and use_gradient_checkpointing:  # its key/value prefixes are lost in recomputation
+        raise UsageError("prefix tuning cannot train with --use_gradient_checkpointing (the recomputed layers drop "
+                         "its key/value prefixes); pass --use_gradient_checkpointing False, or use another method")
     base_config = load_config(base_model, trust_remote_code)
     skeleton = load_skeleton(base_config, trust_remote_code)
     if not resume.warm_start:  # (a warm start takes its adapter's own settings)

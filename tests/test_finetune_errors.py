@@ -85,6 +85,8 @@ CASES = {
     "val set left empty": ({"data_path": "{dir}/long_last.json", "val_set_size": 1},
                            "no validation example has a response token within --cutoff_len 256; raise --cutoff_len"),
     "8 and 4 bit": ({"load_8bit": True, "load_4bit": True}, "exclude each other"),
+    "prefix tuning with gradient checkpointing": ({"adapter_name": "prefix", "use_gradient_checkpointing": True},
+                                                  "prefix tuning cannot train with --use_gradient_checkpointing"),
     "resume from nothing": ({"resume_from_checkpoint": "{dir}"}, "neither a checkpoint-N folder nor an adapter folder"),
     "resume a half-saved checkpoint": ({"resume_from_checkpoint": "{dir}/run/checkpoint-7"}, "was not saved whole"),
     "output into a checkpoint": ({"output_dir": "{dir}/run/checkpoint-4"}, "is a checkpoint of a run; to continue that run pass"),
