@@ -255,6 +255,31 @@ def test_overwrite_leaves_nothing_of_the_replaced_run_to_resume(tiny_model_dir, 
     assert json.loads((out / "run.json").read_text())["steps"] == 2
 
 
+def test_an_overwrite_stopped_before_its_final_save_leaves_no_adapter_of_the_replaced_run(tiny_model_dir, data_file, tmp_path,
+                                                                                          monkeypatch):
+    """Evaluation and export would otherwise take the replaced run's adapter for this run's."""
+    base, out = tiny_model_dir("llama"), tmp_path / "run"
+    finetune.train(**quick_args(base, data_file, out, max_steps=2, save_step=2))
+
+    class Stop(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            raise KeyboardInterrupt
+
+    make = training.make_trainer
+
+    def stopping(*a, **k):
+        trainer = make(*a, **k)
+        trainer.add_callback(Stop())
+        return trainer
+
+    monkeypatch.setattr(training, "make_trainer", stopping)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.train(**quick_args(base, data_file, out, max_steps=2, save_step=2, overwrite=True))
+    assert not {"adapter_config.json", "adapter_model.safetensors", "run.json"} & set(os.listdir(out))
+    with pytest.raises(UsageError, match="holds no adapter_config.json: it is not an adapter checkpoint"):
+        resolve_checkpoint(base, str(out))
+
+
 def test_resuming_a_finished_run_trains_only_steps_it_lacks(tiny_model_dir, data_file, tmp_path, capsys):
     """The Trainer, resumed at its last step, would take one step more and save it over the finished adapter."""
     base, out = tiny_model_dir("llama"), tmp_path / "run"
