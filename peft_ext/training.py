@@ -36,12 +36,15 @@ ADAPTER_FLAGS = (
     "bottleneck_size", "non_linearity", "adapter_dropout", "use_parallel_adapter", "use_adapterp",
     "scaling", "init_weights", "embedding_lambda", "ffn",
 )
+# The adapter's dropouts: how it trains, not what it is, so check_resumable does not compare them.
+DROPOUT_FLAGS = ("lora_dropout", "adapter_dropout")
 # What a resumed run may change: how long it runs, how it saves, evaluates and logs, what only costs memory or
-# time, and what check_resumable compares itself (the adapter's flags; the base model, by the shapes it loads).
+# time, and what check_resumable compares itself (the adapter's other flags; the base model, by the shapes it loads).
 MAY_CHANGE_ON_RESUME = {
     "output_dir", "resume_from_checkpoint", "overwrite", "max_steps", "num_epochs", "eval_step", "save_step",
     "save_total_limit", "report_to", "wandb_project", "wandb_run_name", "wandb_watch", "wandb_log_model",
-    "use_gradient_checkpointing", "packing", "trust_remote_code", "base_model", "adapter_name", *ADAPTER_FLAGS,
+    "use_gradient_checkpointing", "packing", "trust_remote_code", "base_model", "adapter_name",
+    *(flag for flag in ADAPTER_FLAGS if flag not in DROPOUT_FLAGS),
 }
 RUN_RECORD = "run.json"
 # What a replaced run leaves at the top of its folder that says which adapter the folder holds (peft writes .bin
