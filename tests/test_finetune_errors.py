@@ -72,6 +72,10 @@ CASES = {
     "negative learning rate": ({"learning_rate": -1e-4}, "--learning_rate must be at least 0"),
     "negative warmup": ({"warmup_steps": -5}, "--warmup_steps must be a whole number of steps"),
     "LoRA rank 0": ({"lora_r": 0}, "--lora_r must be a whole number at least 1"),
+    "LoRA alpha 0": ({"lora_alpha": 0}, "--lora_alpha must be a whole number at least 1"),
+    "parallel switch on LoRA": ({"use_parallel_adapter": True}, ("--use_parallel_adapter sets up bottleneck adapters, "
+                                                                 "which lora is not; pass --adapter_name parallel")),
+    "AdapterP switch on DoRA": ({"adapter_name": "dora", "use_adapterp": True}, "pass --adapter_name adapterp"),
     "LoRA dropout 1.5": ({"adapter_name": "dora", "lora_dropout": 1.5}, "--lora_dropout must be a number from 0 up to"),
     "no virtual tokens": ({"adapter_name": "prompt-tuning", "num_virtual_tokens": 0}, "--num_virtual_tokens must be"),
     "adapter dropout 1": ({"adapter_name": "adapterp", "adapter_dropout": 1.0}, "--adapter_dropout must be a number"),
