@@ -10,6 +10,7 @@ and run.json; evaluate.py, generate.py and the export scripts read nothing else.
 import os
 import time
 
+import torch
 import transformers  # not `from transformers import set_seed`: that loads bitsandbytes before peft_ext quiets it
 
 from peft_ext import adapters, bundled, training
@@ -20,6 +21,7 @@ from peft_ext.files import file_sha256
 from peft_ext.modeling import (
     adopt_pad_token,
     check_position_limit,
+    check_quantization,
     load_base_model,
     load_config,
     load_skeleton,
@@ -144,11 +146,15 @@ def train(
     if method == "prefix-tuning" and use_gradient_checkpointing:  # its key/value prefixes are lost in recomputation
         raise UsageError("prefix tuning cannot train with --use_gradient_checkpointing (the recomputed layers drop "
                          "its key/value prefixes); pass --use_gradient_checkpointing False, or use another method")
+    check_quantization(load_8bit, load_4bit)
     base_config = load_config(base_model, trust_remote_code)
     skeleton = load_skeleton(base_config, trust_remote_code)
     if not resume.warm_start:  # (a warm start takes its adapter's own settings)
-        peft_config = adapters.make_config(adapter_name, adapter_options, base_config.model_type)[1]
-        adapters.check_targets(skeleton, peft_config)
+        # Built on the skeleton, the adapter refuses in a second what it would refuse on the loaded model: targets
+        # that match nothing, a serial adapter with no placement, SIBO with no site.
+        with torch.device("meta"):
+            skeleton = adapters.build(skeleton, adapter_name, adapter_options)
+        peft_config = skeleton.peft_config["default"]
         if resume.checkpoint:  # its adapter must be the one these flags make
             training.check_resumable(resume.checkpoint, peft_config, base_model)
     train_data = load_data(data_path)
