@@ -12,6 +12,7 @@ import peft_ext.quiet_start  # noqa: F401  (first: Ctrl-C while the libraries lo
 import os
 import time
 
+import torch
 import transformers  # not `from transformers import set_seed`: that loads bitsandbytes before peft_ext quiets it
 
 from peft_ext import adapters, bundled, training
@@ -22,6 +23,7 @@ from peft_ext.files import file_sha256
 from peft_ext.modeling import (
     adopt_pad_token,
     check_position_limit,
+    check_quantization,
     load_base_model,
     load_config,
     load_skeleton,
@@ -117,7 +119,7 @@ def train(
         train_on_inputs: put loss on the prompt tokens too; False trains on the response only (default True; tiny False).
         group_by_length: draw each step's examples from a similar length (without it, a step's random examples are still cut into length-sorted micro batches).
         packing: on a CPU, put each micro batch's examples in one row without padding, attention kept within each example (the same loss and gradients; LoRA, DoRA, (IA)3 and bottleneck adapters on llama, mistral, qwen2, opt, gpt2 and gpt_neox; other cases, and GPUs, where it is slower, use padded batches).
-        use_gradient_checkpointing: recompute activations in backward to save memory.
+        use_gradient_checkpointing: recompute activations in backward to save memory (not with prefix tuning).
         resume_from_checkpoint: a checkpoint-N/ folder (full resume), 'latest' (newest in output_dir; from the start when none is saved yet), or a finished adapter folder (warm start).
         overwrite: allow writing into an output_dir that already holds a run.
         seed: random seed of the split, the shuffling and the adapter init.
@@ -143,11 +145,18 @@ def train(
     resume = training.resume_plan(resume_from_checkpoint, output_dir, overwrite)
     if resume.warm_start:  # the method trained is the warm start's own, whatever --adapter_name says
         method = adapters.method_of(read_adapter_config(resume.warm_start))
+    if method == "prefix-tuning" and use_gradient_checkpointing:  # its key/value prefixes are lost in recomputation
+        raise UsageError("prefix tuning cannot train with --use_gradient_checkpointing (the recomputed layers drop "
+                         "its key/value prefixes); pass --use_gradient_checkpointing False, or use another method")
+    check_quantization(load_8bit, load_4bit)
     base_config = load_config(base_model, trust_remote_code)
     skeleton = load_skeleton(base_config, trust_remote_code)
     if not resume.warm_start:  # (a warm start takes its adapter's own settings)
-        peft_config = adapters.make_config(adapter_name, adapter_options, base_config.model_type)[1]
-        adapters.check_targets(skeleton, peft_config)
+        # Built on the skeleton, the adapter refuses in a second what it would refuse on the loaded model: targets
+        # that match nothing, a serial adapter with no placement, SIBO with no site.
+        with torch.device("meta"):
+            skeleton = adapters.build(skeleton, adapter_name, adapter_options)
+        peft_config = skeleton.peft_config["default"]
         if resume.checkpoint:  # its adapter must be the one these flags make
             training.check_resumable(resume.checkpoint, peft_config, base_model)
     train_data = load_data(data_path)

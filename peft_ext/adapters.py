@@ -186,13 +186,22 @@ def resolve(adapter_name: str, options: dict) -> tuple[str, dict]:
         known = sorted(METHODS) + sorted(ALIASES)
         raise UsageError(f"unknown --adapter_name {adapter_name!r}; choose one of {', '.join(known)}")
     check_sizes(name, options)
+    for flag, alias in BOTTLENECK_SWITCHES.items():
+        if name != "bottleneck" and options.get(flag):
+            raise UsageError(f"--{flag} sets up bottleneck adapters, which {name} is not; pass --adapter_name {alias}, "
+                             f"or leave --{flag} out")
     return name, options
+
+
+# The switches only bottleneck adapters read (another method would train without them, silently), and the alias
+# that sets each.
+BOTTLENECK_SWITCHES = {"use_parallel_adapter": "parallel", "use_adapterp": "adapterp"}
 
 
 # The sizes each method reads: (flag, whole number, lowest allowed, highest allowed or None); checked before any
 # model loads, where peft would refuse some only once it builds the adapter, and take a size of 0 silently.
 SIZES = {
-    "lora": [("lora_r", True, 1, None), ("lora_dropout", False, 0, 1)],
+    "lora": [("lora_r", True, 1, None), ("lora_alpha", True, 1, None), ("lora_dropout", False, 0, 1)],
     "prefix-tuning": [("num_virtual_tokens", True, 1, None)],
     "p-tuning": [("num_virtual_tokens", True, 1, None)],
     "prompt-tuning": [("num_virtual_tokens", True, 1, None)],

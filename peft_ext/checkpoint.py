@@ -37,6 +37,7 @@ class Checkpoint:
     adapter_dir: str | None  # None: the base model alone
     prompter: Prompter
     run_args: dict = field(default_factory=dict)  # the training arguments from run.json
+    trained_on: str = ""  # the base model run.json (else adapter_config.json) names, whatever base_model is
 
     @property
     def tokenizer_dir(self) -> str:
@@ -156,7 +157,8 @@ def resolve_checkpoint(base_model: str = "", adapter_dir: str = "", prompt_templ
         adapter_config = _check_adapter_dir(adapter_dir)
         record = _read_run_record(run_dir)
     run_args = record.get("args", {})
-    base_model = base_model or _trained_base_model(record) or adapter_config.get("base_model_name_or_path") or ""
+    trained_on = _trained_base_model(record) or adapter_config.get("base_model_name_or_path") or ""
+    base_model = base_model or trained_on
     if not base_model and adapter_dir:
         raise UsageError(f"no --base_model given and {adapter_dir}/{RUN_FILE} names none; pass --base_model PATH_OR_HUB_ID")
     if not base_model:
@@ -167,7 +169,7 @@ def resolve_checkpoint(base_model: str = "", adapter_dir: str = "", prompt_templ
     else:
         saved = [d for d in (run_dir, base_model) if d and os.path.isfile(os.path.join(d, TEMPLATE_FILE))]
         prompter = Prompter.load(saved[0] if saved else "alpaca")
-    return Checkpoint(base_model, adapter_dir or None, prompter, run_args)
+    return Checkpoint(base_model, adapter_dir or None, prompter, run_args, trained_on)
 
 
 def load_for_inference(checkpoint: Checkpoint, load_8bit: bool = False, load_4bit: bool = False,

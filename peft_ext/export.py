@@ -16,7 +16,7 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft_ext import sibo, tuners  # noqa: F401  (tuners: registers our methods with peft)
 from peft_ext.checkpoint import Checkpoint, adapter_dir_flag, load_for_inference, resolve_checkpoint
 from peft_ext.errors import UsageError
-from peft_ext.files import check_writable, make_readable
+from peft_ext.files import canonical, check_writable, make_readable
 from peft_ext.modeling import load_config, read_adapter_config
 
 
@@ -30,6 +30,9 @@ def prepare(base_model: str, lora_weights: str, weights_path: str, output_dir: s
     if not adapter_dir:
         raise UsageError("--lora_weights is required: the adapter checkpoint directory to merge")
     checkpoint = resolve_checkpoint(base_model or os.environ.get("BASE_MODEL", ""), adapter_dir)
+    if checkpoint.trained_on and canonical(checkpoint.trained_on) != canonical(checkpoint.base_model):
+        print(f"note: {adapter_dir} was trained on the base model {checkpoint.trained_on}; merging it into "
+              f"{checkpoint.base_model}")
     base_config = load_config(checkpoint.base_model, trust_remote_code)
     check_mergeable(adapter_dir)
     check_output_dir(output_dir, overwrite, checkpoint)

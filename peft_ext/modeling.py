@@ -101,10 +101,14 @@ def check_position_limit(model, base_model: str, longest: int, virtual_tokens: i
                          f"positions); lower --cutoff_len to {limit - virtual_tokens}")
 
 
-def quantization_config(load_8bit: bool = False, load_4bit: bool = False,
-                        dtype: torch.dtype | None = None) -> BitsAndBytesConfig | None:
+def check_quantization(load_8bit: bool, load_4bit: bool) -> None:
     if load_8bit and load_4bit:
         raise UsageError("--load_8bit and --load_4bit exclude each other; pick one")
+
+
+def quantization_config(load_8bit: bool = False, load_4bit: bool = False,
+                        dtype: torch.dtype | None = None) -> BitsAndBytesConfig | None:
+    check_quantization(load_8bit, load_4bit)
     if load_8bit:
         return BitsAndBytesConfig(load_in_8bit=True)
     if load_4bit:  # QLoRA: NF4 storage, double quantization, matmuls in the compute dtype

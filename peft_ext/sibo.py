@@ -45,7 +45,7 @@ from peft.utils import PeftType
 
 from peft_ext.errors import UsageError
 from peft_ext.tuners.boosted import BoostedTuner
-from peft_ext.tuners.bottleneck.config import MH_ADAPTER, BottleneckConfig, matches
+from peft_ext.tuners.bottleneck.config import MH_ADAPTER, PLACEMENTS, BottleneckConfig, matches
 from peft_ext.tuners.bottleneck.layer import BottleneckLayer
 
 # LoRA: the MLP input projection whose LoRA branch is boosted, per family.
@@ -189,6 +189,15 @@ def _check_width(embedding_dim: int, site_width: int, site: str) -> None:
 
 def _branch_sites(model, model_type: str, config, adapter_name: str) -> list:
     """(module name, the module that takes the adapter branch's input, its width) of every boosted branch."""
+    if isinstance(config, BottleneckConfig) and config.use_parallel_adapter:  # no adapter sits before W
+        before_w = [name for name, placement in PLACEMENTS.get(model_type, {}).items() if placement == MH_ADAPTER]
+        serial = f" (its adapters before {', '.join(before_w)} take the mix)" if before_w else ""
+        lora = f", or LoRA with {LORA_SITES[model_type]} among its targets" if model_type in LORA_SITES else ""
+        raise UsageError(
+            f"SIBO boosts parallel adapters on {' and '.join(MLP_INPUT_FAMILIES)} only (it mixes into their whole MLP "
+            f"input), not on {model_type}; boost serial adapters instead, --adapter_name adapterh{serial}{lora}; or "
+            "pass --embedding_lambda 0"
+        )
     if isinstance(config, BottleneckConfig):
         sites = [
             (key, m.adapter_dropout[adapter_name], m.in_features)

@@ -36,14 +36,20 @@ ADAPTER_FLAGS = (
     "bottleneck_size", "non_linearity", "adapter_dropout", "use_parallel_adapter", "use_adapterp",
     "scaling", "init_weights", "embedding_lambda", "ffn",
 )
+# The adapter's dropouts: how it trains, not what it is, so check_resumable does not compare them.
+DROPOUT_FLAGS = ("lora_dropout", "adapter_dropout")
 # What a resumed run may change: how long it runs, how it saves, evaluates and logs, what only costs memory or
-# time, and what check_resumable compares itself (the adapter's flags; the base model, by the shapes it loads).
+# time, and what check_resumable compares itself (the adapter's other flags; the base model, by the shapes it loads).
 MAY_CHANGE_ON_RESUME = {
     "output_dir", "resume_from_checkpoint", "overwrite", "max_steps", "num_epochs", "eval_step", "save_step",
     "save_total_limit", "report_to", "wandb_project", "wandb_run_name", "wandb_watch", "wandb_log_model",
-    "use_gradient_checkpointing", "packing", "trust_remote_code", "base_model", "adapter_name", *ADAPTER_FLAGS,
+    "use_gradient_checkpointing", "packing", "trust_remote_code", "base_model", "adapter_name",
+    *(flag for flag in ADAPTER_FLAGS if flag not in DROPOUT_FLAGS),
 }
 RUN_RECORD = "run.json"
+# What a replaced run leaves at the top of its folder that says which adapter the folder holds (peft writes .bin
+# for adapters saved without safetensors).
+REPLACED_FILES = (RUN_RECORD, ADAPTER_CONFIG, "adapter_model.safetensors", "adapter_model.bin")
 TRAINER_STATE = "trainer_state.json"
 FINAL_STAGING = ".final-"
 LIBRARIES = ("torch", "transformers", "peft", "datasets", "accelerate", "bitsandbytes", "safetensors")
@@ -216,13 +222,16 @@ ADAPTER_IDENTITY = ("peft_type", "r", "lora_alpha", "use_dora", "target_modules"
 
 def discard(plan: ResumePlan, output_dir: str) -> None:
     """Once every check has passed: remove the checkpoint-N/ folders a stop left half-saved and, when this run
-    replaces an earlier one, that run's checkpoint-N/ folders and run.json (its adapter files are overwritten at the
-    end), so that `--resume_from_checkpoint latest` can never continue the replaced run as if it were this one."""
+    replaces an earlier one, that run's checkpoint-N/ folders, run.json and adapter files, so that
+    `--resume_from_checkpoint latest` can never continue the replaced run as if it were this one, nor evaluation and
+    export use its adapter under this run's name should this run stop before its final save."""
     doomed = checkpoints(output_dir) if plan.replaces else plan.incomplete
     for folder in doomed:
         shutil.rmtree(folder)
-    if plan.replaces and os.path.isfile(os.path.join(output_dir, RUN_RECORD)):
-        os.remove(os.path.join(output_dir, RUN_RECORD))
+    if plan.replaces:
+        for name in REPLACED_FILES:
+            if os.path.isfile(os.path.join(output_dir, name)):
+                os.remove(os.path.join(output_dir, name))
 
 
 def check_resumable(checkpoint: str, config, base_model: str) -> None:

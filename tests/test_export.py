@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -70,6 +71,17 @@ def test_export_is_a_plain_model_that_loads_without_peft(llama_lora, tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["LlamaForCausalLM", "3"]
+
+
+def test_merging_into_another_base_than_the_run_names_is_noted(llama, llama_lora, tmp_path, monkeypatch, capsys):
+    """$BASE_MODEL (or --base_model) wins over run.json; a copy of another name may still be another model."""
+    other = shutil.copytree(llama, tmp_path / "other-base")
+    monkeypatch.setenv("BASE_MODEL", str(other))
+    export_hf.main(lora_weights=llama_lora, output_dir=str(tmp_path / "merged"))
+    assert f"note: {llama_lora} was trained on the base model {llama}; merging it into {other}\n" in capsys.readouterr().out
+    monkeypatch.setenv("BASE_MODEL", llama)
+    export_hf.main(lora_weights=llama_lora, output_dir=str(tmp_path / "merged"), overwrite=True)
+    assert "note:" not in capsys.readouterr().out
 
 
 def test_large_models_are_sharded(llama, llama_lora, tmp_path):

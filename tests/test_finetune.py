@@ -255,6 +255,31 @@ def test_overwrite_leaves_nothing_of_the_replaced_run_to_resume(tiny_model_dir, 
     assert json.loads((out / "run.json").read_text())["steps"] == 2
 
 
+def test_an_overwrite_stopped_before_its_final_save_leaves_no_adapter_of_the_replaced_run(tiny_model_dir, data_file, tmp_path,
+                                                                                          monkeypatch):
+    """Evaluation and export would otherwise take the replaced run's adapter for this run's."""
+    base, out = tiny_model_dir("llama"), tmp_path / "run"
+    finetune.train(**quick_args(base, data_file, out, max_steps=2, save_step=2))
+
+    class Stop(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            raise KeyboardInterrupt
+
+    make = training.make_trainer
+
+    def stopping(*a, **k):
+        trainer = make(*a, **k)
+        trainer.add_callback(Stop())
+        return trainer
+
+    monkeypatch.setattr(training, "make_trainer", stopping)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.train(**quick_args(base, data_file, out, max_steps=2, save_step=2, overwrite=True))
+    assert not {"adapter_config.json", "adapter_model.safetensors", "run.json"} & set(os.listdir(out))
+    with pytest.raises(UsageError, match="holds no adapter_config.json: it is not an adapter checkpoint"):
+        resolve_checkpoint(base, str(out))
+
+
 def test_resuming_a_finished_run_trains_only_steps_it_lacks(tiny_model_dir, data_file, tmp_path, capsys):
     """The Trainer, resumed at its last step, would take one step more and save it over the finished adapter."""
     base, out = tiny_model_dir("llama"), tmp_path / "run"
@@ -389,8 +414,8 @@ def test_a_run_moved_before_its_resume_still_ends_on_its_best_checkpoint(tiny_mo
 
 
 def test_resuming_with_another_recipe_is_refused_before_loading(tiny_model_dir, data_file, tmp_path, monkeypatch):
-    """A run stopped at step 2 of 4: resuming it with another learning rate or other data would mix two recipes and
-    record only the second; a longer run, or the same data from another path, continues it."""
+    """A run stopped at step 2 of 4: resuming it with another learning rate, dropout or other data would mix two
+    recipes and record only the second; a longer run, or the same data from another path, continues it."""
     base, out = tiny_model_dir("llama"), tmp_path / "run"
     finetune.train(**quick_args(base, data_file, out, max_steps=4, save_step=2))
     shutil.rmtree(out / "checkpoint-4")
@@ -404,6 +429,10 @@ def test_resuming_with_another_recipe_is_refused_before_loading(tiny_model_dir, 
             finetune.train(**quick_args(base, data_file, out, max_steps=4, save_step=2, learning_rate=5e-2, resume_from_checkpoint="latest"))
         with pytest.raises(UsageError, match=r"\(data_sha256 '[0-9a-f]{64}' there, '[0-9a-f]{64}' here\)"):
             finetune.train(**quick_args(base, str(other_data), out, max_steps=4, save_step=2, resume_from_checkpoint="latest"))
+        for dropout in ("lora_dropout", "adapter_dropout"):  # not the adapter's identity, but how it trains
+            with pytest.raises(UsageError, match=rf"\({dropout} 0.\d+ there, 0.3 here\)"):
+                finetune.train(**quick_args(base, data_file, out, max_steps=4, save_step=2, resume_from_checkpoint="latest",
+                                            **{dropout: 0.3}))
     moved = shutil.copy(data_file, tmp_path / "moved.json")
     finetune.train(**quick_args(base, str(moved), out, max_steps=6, save_step=2, resume_from_checkpoint="latest"))
     record = json.loads((out / "run.json").read_text())

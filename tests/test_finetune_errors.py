@@ -72,6 +72,10 @@ CASES = {
     "negative learning rate": ({"learning_rate": -1e-4}, "--learning_rate must be at least 0"),
     "negative warmup": ({"warmup_steps": -5}, "--warmup_steps must be a whole number of steps"),
     "LoRA rank 0": ({"lora_r": 0}, "--lora_r must be a whole number at least 1"),
+    "LoRA alpha 0": ({"lora_alpha": 0}, "--lora_alpha must be a whole number at least 1"),
+    "parallel switch on LoRA": ({"use_parallel_adapter": True}, ("--use_parallel_adapter sets up bottleneck adapters, "
+                                                                 "which lora is not; pass --adapter_name parallel")),
+    "AdapterP switch on DoRA": ({"adapter_name": "dora", "use_adapterp": True}, "pass --adapter_name adapterp"),
     "LoRA dropout 1.5": ({"adapter_name": "dora", "lora_dropout": 1.5}, "--lora_dropout must be a number from 0 up to"),
     "no virtual tokens": ({"adapter_name": "prompt-tuning", "num_virtual_tokens": 0}, "--num_virtual_tokens must be"),
     "adapter dropout 1": ({"adapter_name": "adapterp", "adapter_dropout": 1.0}, "--adapter_dropout must be a number"),
@@ -85,13 +89,16 @@ CASES = {
     "val set left empty": ({"data_path": "{dir}/long_last.json", "val_set_size": 1},
                            "no validation example has a response token within --cutoff_len 256; raise --cutoff_len"),
     "8 and 4 bit": ({"load_8bit": True, "load_4bit": True}, "exclude each other"),
+    "SIBO without its site": ({"embedding_lambda": 0.1}, ("SIBO on LoRA mixes into the LoRA branch of up_proj, which is "
+                                                          "not a LoRA target here")),
+    "serial adapter with no placement": ({"adapter_name": "adapterh", "target_modules": "q_proj"},
+                                         "no serial bottleneck placement for 'model.layers.0.self_attn.q_proj'"),
+    "prefix tuning with gradient checkpointing": ({"adapter_name": "prefix", "use_gradient_checkpointing": True},
+                                                  "prefix tuning cannot train with --use_gradient_checkpointing"),
     "resume from nothing": ({"resume_from_checkpoint": "{dir}"}, "neither a checkpoint-N folder nor an adapter folder"),
     "resume a half-saved checkpoint": ({"resume_from_checkpoint": "{dir}/run/checkpoint-7"}, "was not saved whole"),
     "output into a checkpoint": ({"output_dir": "{dir}/run/checkpoint-4"}, "is a checkpoint of a run; to continue that run pass"),
 }
-
-
-LOAD_TIME_CASES = {"8 and 4 bit"}  # checked as the model loads (the quantization config), still before any file
 
 
 def run_finetune(args: dict, dir) -> subprocess.CompletedProcess:
@@ -103,8 +110,7 @@ def run_finetune(args: dict, dir) -> subprocess.CompletedProcess:
 def test_bad_input_is_refused_before_anything_is_written(case, files, tmp_path, monkeypatch):
     """...and before the model loads, which takes minutes for a large one."""
     overrides, expected = CASES[case]
-    if case not in LOAD_TIME_CASES:
-        monkeypatch.setattr(finetune, "load_base_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(finetune, "load_base_model", lambda *a, **k: pytest.fail("the model was loaded"))
     out = tmp_path / "out"
     args = {"base_model": files["model"], "data_path": "{dir}/good.json", "output_dir": str(out),
             "batch_size": 4, "micro_batch_size": 2, "max_steps": 2, "val_set_size": 0, **overrides}

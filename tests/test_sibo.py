@@ -250,7 +250,10 @@ def test_unload_removes_the_boost_and_merging_is_refused(tiny_model_dir):
         ("lora", {**LORA, "target_modules": ["q_proj", "v_proj"]}, "LoRA branch of up_proj, which is not a LoRA target"),
         ("bottleneck", {"target_modules": ["down_proj"]}, "mixes into the adapters before W"),
         ("adapterp", {}, "mixes into the adapters before W"),
-        ("parallel", {}, "mixes into the adapters before W"),
+        ("parallel", {}, (r"SIBO boosts parallel adapters on gptj and bloom only \(it mixes into their whole MLP input\), "
+                          r"not on llama; boost serial adapters instead, --adapter_name adapterh \(its adapters before "
+                          r"gate_proj, up_proj take the mix\), or LoRA with up_proj among its targets; or pass "
+                          "--embedding_lambda 0")),
         ("dora", LORA, "boosts lora and bottleneck adapters, not dora"),
         ("ia3", {}, "boosts lora and bottleneck adapters, not ia3"),
     ],
