@@ -85,7 +85,7 @@ def train(
 
     Args:
         base_model: local model directory or hub id of the causal LM to adapt (default: the bundled models/tiny-math, with the settings marked "tiny").
-        data_path: JSON/JSONL records {instruction, input, output} or ShareGPT conversations, a directory with train.json, a .txt file, or a datasets hub id (default: the bundled data/synth_math/train.json).
+        data_path: JSON/JSONL records {instruction, input, output} or ShareGPT conversations, a directory with train.json (or train.jsonl), a .txt file, or a datasets hub id (default: the bundled data/synth_math/train.json).
         output_dir: where the checkpoint directory is written.
         adapter_name: method: lora, dora, ia3, prefix-tuning, p-tuning, prompt-tuning, bottleneck, adapterh, adapterp, parallel, scaled_parallel (case and -/_ do not matter).
         load_8bit: load the base model in 8-bit (bitsandbytes).
@@ -96,14 +96,14 @@ def train(
         max_steps: stop after this many optimizer steps (-1: train num_epochs).
         learning_rate: peak learning rate of AdamW, linear decay after warmup (default 3e-4; tiny 1e-3).
         warmup_steps: linear warmup steps.
-        cutoff_len: maximum tokens per example; longer ones are truncated.
+        cutoff_len: maximum tokens per example; longer ones are truncated, and those left with no response token are dropped (at most the position table of GPT-2, OPT, GPT-Neo and GPT-J).
         val_set_size: validation records held out (blocks of cutoff_len tokens for a .txt file): a count, or a fraction in (0, 1); 0 for none. With a validation set, the adapter saved is the saved checkpoint's with the lowest validation loss (run.json: adapter_step).
         eval_step: evaluate every N steps (when there is a validation set).
         save_step: save a resumable checkpoint-N/ every N steps.
         save_total_limit: keep at most this many checkpoint-N/ folders (0: keep them all).
         target_modules: layers to adapt: '[q_proj,v_proj]', 'q_proj,v_proj' or a list; default per model family.
         lora_r: LoRA/DoRA rank.
-        lora_alpha: LoRA/DoRA alpha (scaling alpha/r).
+        lora_alpha: LoRA/DoRA alpha, a whole number of at least 1 (scaling alpha/r).
         lora_dropout: dropout on the LoRA/DoRA input.
         num_virtual_tokens: virtual tokens of prefix-, p- and prompt tuning.
         bottleneck_size: hidden width of bottleneck adapters.
@@ -115,13 +115,13 @@ def train(
         init_weights: bottleneck init: 'bert' (N(0, 0.02)) or 'mam_adapter' (starts as identity).
         embedding_lambda: SIBO: weight of the initial embeddings mixed into adapter inputs (0 = off).
         ffn: SIBO: inject at the MLP sites (see docs/adapters.md); default decided per method.
-        prompt_template_name: template in templates/ (alpaca, alpaca_short, alpaca_legacy, llm_adapters, vicuna, chatml) or a JSON path.
+        prompt_template_name: template in templates/ (alpaca, alpaca_short, alpaca_legacy, llm_adapters, llm_adapters_eval, vicuna, chatml) or a JSON path.
         train_on_inputs: put loss on the prompt tokens too; False trains on the response only (default True; tiny False).
         group_by_length: draw each step's examples from a similar length (without it, a step's random examples are still cut into length-sorted micro batches).
         packing: on a CPU, put each micro batch's examples in one row without padding, attention kept within each example (the same loss and gradients; LoRA, DoRA, (IA)3 and bottleneck adapters on llama, mistral, qwen2, opt, gpt2 and gpt_neox; other cases, and GPUs, where it is slower, use padded batches).
         use_gradient_checkpointing: recompute activations in backward to save memory (not with prefix tuning).
-        resume_from_checkpoint: a checkpoint-N/ folder (full resume), 'latest' (newest in output_dir; from the start when none is saved yet), or a finished adapter folder (warm start).
-        overwrite: allow writing into an output_dir that already holds a run.
+        resume_from_checkpoint: a checkpoint-N/ folder (full resume), 'latest' (the newest whole one in output_dir; from the start when none is saved yet), or a finished adapter folder (warm start).
+        overwrite: replace a run that output_dir already holds (its checkpoint-N/, run.json and adapter files are deleted when training starts).
         seed: random seed of the split, the shuffling and the adapter init.
         report_to: logging backend when wandb is not used: none or tensorboard.
         wandb_project: log to this Weights & Biases project (offline when no login is configured).

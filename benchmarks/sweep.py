@@ -10,7 +10,7 @@ the files they write. OUTPUT_DIR then holds:
 - eval/: evaluate.py's output (MODEL-ADAPTER/DATASET/metrics.json, predictions.jsonl, results.csv);
 - resources.md/.csv, accuracy.md/.csv, accuracy.png, loss.png.
 Run the same command again to continue: a finished adapter is not retrained, an interrupted one resumes
-from its newest checkpoint-N/, and evaluate.py continues a partial evaluation. A second run of a
+from its newest whole checkpoint-N/, and evaluate.py continues a partial evaluation. A second run of a
 finished sweep starts no process and only rewrites the tables.
 """
 import csv
