@@ -5,7 +5,8 @@
     python evaluate.py --base_model ./merged-or-base-model --dataset boolq,piqa
     torchrun --nproc_per_node 4 evaluate.py --lora_weights ... --dataset commonsense
 """
-import peft_ext.quiet_start  # noqa: F401  (first: Ctrl-C while the libraries load ends in one line)
+if __name__ == "__main__":  # first, and only when run: Ctrl-C while the libraries load ends in one line
+    import peft_ext.quiet_start  # noqa: F401
 
 import os
 

@@ -9,7 +9,8 @@ SIBO-boosted adapters cannot, and are refused with the reason. The output folder
 prompt template: `AutoModelForCausalLM.from_pretrained(output_dir)` loads it without peft, and evaluate.py
 and generate.py take it as --base_model. It appears only once complete.
 """
-import peft_ext.quiet_start  # noqa: F401  (first: Ctrl-C while the libraries load ends in one line)
+if __name__ == "__main__":  # first, and only when run: Ctrl-C while the libraries load ends in one line
+    import peft_ext.quiet_start  # noqa: F401
 
 from peft_ext import export
 from peft_ext.errors import run_cli

@@ -8,7 +8,8 @@ config, and the tokenizer. Only LLaMA bases without biases or rotary scaling fit
 models, and adapters that cannot be merged, are refused with the reason. The folder appears only once
 complete.
 """
-import peft_ext.quiet_start  # noqa: F401  (first: Ctrl-C while the libraries load ends in one line)
+if __name__ == "__main__":  # first, and only when run: Ctrl-C while the libraries load ends in one line
+    import peft_ext.quiet_start  # noqa: F401
 
 import json
 import os

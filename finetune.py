@@ -7,7 +7,8 @@
 The output directory holds the adapter (peft format, safetensors), the tokenizer, the prompt template
 and run.json; evaluate.py, generate.py and the export scripts read nothing else.
 """
-import peft_ext.quiet_start  # noqa: F401  (first: Ctrl-C while the libraries load ends in one line)
+if __name__ == "__main__":  # first, and only when run: Ctrl-C while the libraries load ends in one line
+    import peft_ext.quiet_start  # noqa: F401
 
 import os
 import time

@@ -12,7 +12,8 @@ streams the response token by token and listens on 127.0.0.1 only, unless --serv
 answer; --prompts_file (one instruction per line) prints a JSON line {"instruction", "response"} per line.
 The decoding flags set the page's starting values and plain mode's decoding.
 """
-import peft_ext.quiet_start  # noqa: F401  (first: Ctrl-C while the libraries load ends in one line)
+if __name__ == "__main__":  # first, and only when run: Ctrl-C while the libraries load ends in one line
+    import peft_ext.quiet_start  # noqa: F401
 
 import json
 import os

@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import peft_ext.quiet_start  # noqa: E402,F401  (before torch: Ctrl-C while the libraries load ends in one line)
+if __name__ == "__main__":  # before torch, and only when run: Ctrl-C while the libraries load ends in one line
+    import peft_ext.quiet_start  # noqa: F401
 
 import torch  # noqa: E402
 import transformers  # noqa: E402

@@ -1,5 +1,6 @@
-"""Imported first by each script, before torch and transformers load (seconds on a busy machine): Ctrl-C meanwhile
-ends the script with one line, as it does later (`errors.run_cli`), not with a traceback through their imports."""
+"""Imported first by each script when it runs (not when another program imports it), before torch and transformers
+load (seconds on a busy machine): Ctrl-C meanwhile ends the script with one line, as it does later
+(`errors.run_cli`), not with a traceback through their imports."""
 import os
 import signal
 import sys

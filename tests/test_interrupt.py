@@ -23,3 +23,12 @@ def test_ctrl_c_while_the_libraries_load_is_one_line(script):
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130
     assert err.strip() == "interrupted while starting: nothing was done"
+
+
+def test_importing_a_script_leaves_ctrl_c_alone():
+    """A program that imports finetune.py (a benchmark, a notebook) keeps Python's own Ctrl-C: KeyboardInterrupt,
+    which its `except` and `finally` see, not a hard exit."""
+    check = "import signal, finetune; assert signal.getsignal(signal.SIGINT) is signal.default_int_handler"
+    done = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True,
+                          preexec_fn=ctrl_c_reaches_it, timeout=120)
+    assert done.returncode == 0, done.stderr
