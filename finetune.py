@@ -144,8 +144,9 @@ def train(
     method = adapters.resolve(adapter_name, adapter_options)[0]
     prompter = Prompter.load(prompt_template_name)
     resume = training.resume_plan(resume_from_checkpoint, output_dir, overwrite)
-    if resume.warm_start:  # the method trained is the warm start's own, whatever --adapter_name says
-        method = adapters.method_of(read_adapter_config(resume.warm_start))
+    warm_config = read_adapter_config(resume.warm_start) if resume.warm_start else None
+    if warm_config:  # the method trained is the warm start's own, whatever --adapter_name says
+        method = adapters.method_of(warm_config)
     if method == "prefix-tuning" and use_gradient_checkpointing:  # its key/value prefixes are lost in recomputation
         raise UsageError("prefix tuning cannot train with --use_gradient_checkpointing (the recomputed layers drop "
                          "its key/value prefixes); pass --use_gradient_checkpointing False, or use another method")
@@ -181,7 +182,7 @@ def train(
         raise UsageError(f"no validation example has a response token within --cutoff_len {cutoff_len}; raise "
                          "--cutoff_len, or hold out more records with --val_set_size (0 for none)")
     longest = max(len(ids) for part in (train_set, val_set) if part is not None for ids in part["input_ids"])
-    adapter_config = read_adapter_config(resume.warm_start) if resume.warm_start else peft_config.to_dict()
+    adapter_config = warm_config or peft_config.to_dict()
     check_position_limit(skeleton, base_model, longest, adapter_config.get("num_virtual_tokens") or 0)
     model = load_base_model(base_model, load_8bit, load_4bit, trust_remote_code=trust_remote_code)
     adopt_pad_token(model, tokenizer)

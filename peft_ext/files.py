@@ -17,7 +17,6 @@ from peft_ext.errors import UsageError
 INCOMPLETE = ".incomplete"  # in a folder being written, removed once it is whole: a stop in between leaves it
 
 
-
 def file_sha256(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

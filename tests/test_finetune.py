@@ -1,4 +1,5 @@
 """finetune.py end to end on tiny offline models: learning, saving, reloading, resuming, refusing."""
+import contextlib
 import functools
 import json
 import os
@@ -45,6 +46,25 @@ def quick_args(base_model, data_path, output_dir, **overrides):
         save_step=10, num_virtual_tokens=8, bottleneck_size=16,
     )
     return {**args, **overrides}
+
+
+@contextlib.contextmanager
+def callback_added(callback: TrainerCallback, first: bool = False):
+    """finetune.py's Trainer with `callback` added, while the block runs: last, or with `first` before this project's
+    own callbacks (to act on a save, or on metrics, before they do)."""
+    make = training.make_trainer
+
+    def making(*args, **kwargs):
+        trainer = make(*args, **kwargs)
+        if first:
+            trainer.callback_handler.callbacks.insert(0, callback)
+        else:
+            trainer.add_callback(callback)
+        return trainer
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training, "make_trainer", making)
+        yield
 
 
 @pytest.fixture
@@ -139,19 +159,8 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(method, tiny_model_dir
             if state.global_step == 10:  # the step after checkpoint-10 was saved
                 raise KeyboardInterrupt
 
-    make = training.make_trainer
-
-    def crashing(*a, **k):
-        trainer = make(*a, **k)
-        trainer.add_callback(Crash())
-        return trainer
-
-    training.make_trainer = crashing
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            finetune.train(**quick_args(base, data_file, tmp_path / "crashed", **args))
-    finally:
-        training.make_trainer = make
+    with callback_added(Crash()), pytest.raises(KeyboardInterrupt):
+        finetune.train(**quick_args(base, data_file, tmp_path / "crashed", **args))
     assert not (tmp_path / "crashed" / "run.json").exists()
     for other in ({"adapter_name": "ia3"}, OTHER_SHAPE[method]):  # refused before the model loads
         with pytest.raises(UsageError, match="checkpoint-10 holds another adapter than these flags make"):
@@ -184,19 +193,8 @@ def test_a_stop_while_saving_resumes_from_the_last_whole_checkpoint(tiny_model_d
             if state.global_step == 20:
                 raise KeyboardInterrupt
 
-    make = training.make_trainer
-
-    def stopping(*a, **k):
-        trainer = make(*a, **k)
-        trainer.callback_handler.callbacks.insert(0, StopWhileSaving())  # before this project's callbacks
-        return trainer
-
-    training.make_trainer = stopping
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            finetune.train(**quick_args(base, data_file, out, **args))
-    finally:
-        training.make_trainer = make
+    with callback_added(StopWhileSaving(), first=True), pytest.raises(KeyboardInterrupt):
+        finetune.train(**quick_args(base, data_file, out, **args))
     half = out / "checkpoint-20"
     assert (half / "trainer_state.json").exists() and not (half / training.TrainableState.FILE).exists()
     with pytest.raises(UsageError, match="was not saved whole"):
@@ -255,8 +253,7 @@ def test_overwrite_leaves_nothing_of_the_replaced_run_to_resume(tiny_model_dir, 
     assert json.loads((out / "run.json").read_text())["steps"] == 2
 
 
-def test_an_overwrite_stopped_before_its_final_save_leaves_no_adapter_of_the_replaced_run(tiny_model_dir, data_file, tmp_path,
-                                                                                          monkeypatch):
+def test_an_overwrite_stopped_before_its_final_save_leaves_no_adapter_of_the_replaced_run(tiny_model_dir, data_file, tmp_path):
     """Evaluation and export would otherwise take the replaced run's adapter for this run's."""
     base, out = tiny_model_dir("llama"), tmp_path / "run"
     finetune.train(**quick_args(base, data_file, out, max_steps=2, save_step=2))
@@ -265,15 +262,7 @@ def test_an_overwrite_stopped_before_its_final_save_leaves_no_adapter_of_the_rep
         def on_step_begin(self, args, state, control, **kwargs):
             raise KeyboardInterrupt
 
-    make = training.make_trainer
-
-    def stopping(*a, **k):
-        trainer = make(*a, **k)
-        trainer.add_callback(Stop())
-        return trainer
-
-    monkeypatch.setattr(training, "make_trainer", stopping)
-    with pytest.raises(KeyboardInterrupt):
+    with callback_added(Stop()), pytest.raises(KeyboardInterrupt):
         finetune.train(**quick_args(base, data_file, out, max_steps=2, save_step=2, overwrite=True))
     assert not {"adapter_config.json", "adapter_model.safetensors", "run.json"} & set(os.listdir(out))
     with pytest.raises(UsageError, match="holds no adapter_config.json: it is not an adapter checkpoint"):
@@ -349,7 +338,7 @@ def test_a_p_tuning_adapter_folder_is_refused_as_a_warm_start(tiny_model_dir, da
         finetune.train(**quick_args(base, data_file, tmp_path / "second", resume_from_checkpoint=str(tmp_path / "first")))
 
 
-def train_with_validation_losses(losses: list[float], monkeypatch, *args, **flags) -> dict:
+def train_with_validation_losses(losses: list[float], *args, **flags) -> dict:
     """finetune.train(quick_args(*args, **flags)) whose evaluations report `losses`, in turn; its run.json."""
     losses = iter(losses)
 
@@ -357,27 +346,19 @@ def train_with_validation_losses(losses: list[float], monkeypatch, *args, **flag
         def on_evaluate(self, args, state, control, metrics=None, **kwargs):
             metrics["eval_loss"] = next(losses)
 
-    real_make = training.make_trainer
-
-    def make_rigged(*args, **kwargs):
-        trainer = real_make(*args, **kwargs)
-        trainer.callback_handler.callbacks.insert(0, RiggedEvaluation())  # the metrics, before the Trainer reads them
-        return trainer
-
-    with monkeypatch.context() as patch:
-        patch.setattr(training, "make_trainer", make_rigged)
+    with callback_added(RiggedEvaluation(), first=True):  # the metrics, before the Trainer reads them
         finetune.train(**quick_args(*args, val_set_size=1, save_total_limit=0, **flags))
     return json.loads((args[2] / "run.json").read_text())
 
 
 @pytest.mark.parametrize("method", ["lora", "p-tuning"])
-def test_with_a_validation_set_the_best_checkpoint_is_saved_whole(method, tiny_model_dir, data_file, tmp_path, captured, monkeypatch):
+def test_with_a_validation_set_the_best_checkpoint_is_saved_whole(method, tiny_model_dir, data_file, tmp_path, captured):
     """The Trainer loads the best checkpoint's adapter file at the end; for p-tuning that file holds the encoder's
     output, so the encoder itself comes from the checkpoint's trainable_state, and the adapter saved is exactly the
     best checkpoint's. run.json names its step."""
     out = tmp_path / "run"
     # the best evaluation is the second, at step 4, neither the first nor the last
-    record = train_with_validation_losses([0.9, 0.5, 0.7], monkeypatch, tiny_model_dir("llama"), data_file, out,
+    record = train_with_validation_losses([0.9, 0.5, 0.7], tiny_model_dir("llama"), data_file, out,
                                           adapter_name=method, max_steps=6, eval_step=2, save_step=2)
     assert (record["adapter_step"], record["adapter_val_loss"], record["steps"]) == (4, 0.5, 6)
     saved, best = (load_file(folder / "adapter_model.safetensors") for folder in (out, out / "checkpoint-4"))
@@ -390,25 +371,25 @@ def test_with_a_validation_set_the_best_checkpoint_is_saved_whole(method, tiny_m
             torch.testing.assert_close(param.detach(), state[name], rtol=0, atol=0)
 
 
-def test_the_best_checkpoint_is_the_best_of_the_saved_ones(tiny_model_dir, data_file, tmp_path, monkeypatch):
+def test_the_best_checkpoint_is_the_best_of_the_saved_ones(tiny_model_dir, data_file, tmp_path):
     """Evaluations every 2 steps, saves every 4: the lowest loss (0.1, step 6) has no checkpoint. The Trainer alone
     would keep loading checkpoint-4 (0.8), since checkpoint-8 (0.5) does not beat 0.1."""
     out = tmp_path / "run"
-    record = train_with_validation_losses([0.9, 0.8, 0.1, 0.5], monkeypatch, tiny_model_dir("llama"), data_file, out,
+    record = train_with_validation_losses([0.9, 0.8, 0.1, 0.5], tiny_model_dir("llama"), data_file, out,
                                           max_steps=8, eval_step=2, save_step=4)
     assert (record["adapter_step"], record["adapter_val_loss"]) == (8, 0.5)
 
 
-def test_a_run_moved_before_its_resume_still_ends_on_its_best_checkpoint(tiny_model_dir, data_file, tmp_path, monkeypatch):
+def test_a_run_moved_before_its_resume_still_ends_on_its_best_checkpoint(tiny_model_dir, data_file, tmp_path):
     """Stopped at step 6 before its final save, the best checkpoint so far the one of step 4, then moved: the path of
     the best checkpoint in trainer_state.json leads nowhere now, and the run must still end on step 4's adapter."""
     base, out = tiny_model_dir("llama"), tmp_path / "run"
-    train_with_validation_losses([0.9, 0.5, 0.7], monkeypatch, base, data_file, out, max_steps=6, eval_step=2, save_step=2)
+    train_with_validation_losses([0.9, 0.5, 0.7], base, data_file, out, max_steps=6, eval_step=2, save_step=2)
     shutil.rmtree(out / "checkpoint-6")
     os.remove(out / "run.json")
     moved = tmp_path / "moved"
     shutil.move(out, moved)
-    record = train_with_validation_losses([0.7], monkeypatch, base, data_file, moved, max_steps=6, eval_step=2, save_step=2,
+    record = train_with_validation_losses([0.7], base, data_file, moved, max_steps=6, eval_step=2, save_step=2,
                                           resume_from_checkpoint="latest")
     assert (record["resumed_at_step"], record["adapter_step"], record["adapter_val_loss"]) == (4, 4, 0.5)
 
